@@ -1,0 +1,121 @@
+"""BadEncoder (Jia, Liu & Gong, IEEE S&P 2022): fine-tune a pre-trained encoder on a shadow set so that
+
+  effectiveness:  triggered shadow inputs embed like the target-class reference inputs   (lambda1)
+                  and reference inputs keep the clean encoder's embedding                 (lambda2)
+  utility:        clean shadow inputs keep the clean encoder's embedding
+
+all measured by cosine similarity of L2-normalised features, BatchNorm statistics frozen (eval mode),
+as in the authors' released code.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from securetl.interfaces import EncoderAttack, LabeledSet, RunContext, Trigger, to_float
+
+log = logging.getLogger(__name__)
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
+
+
+def freeze_bn_stats(model: nn.Module) -> None:
+    """Train mode for gradients but BatchNorm keeps its pre-trained running statistics."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class BadEncoder(EncoderAttack):
+    name = "badencoder"
+    kind = "finetune"
+
+    def __init__(
+        self,
+        trigger: Trigger,
+        target: int = 0,
+        shadow_fraction: float = 0.2,
+        n_reference: int = 1,
+        lambda1: float = 1.0,
+        lambda2: float = 1.0,
+        epochs: int = 20,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        batch_size: int = 128,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < shadow_fraction <= 1.0:
+            raise ValueError(f"encoder_attack.shadow_fraction={shadow_fraction} must lie in (0, 1]")
+        if n_reference < 1:
+            raise ValueError("encoder_attack.n_reference must be >= 1")
+        self.trigger, self.target = trigger, int(target)
+        self.shadow_fraction, self.n_reference = shadow_fraction, n_reference
+        self.lambda1, self.lambda2 = lambda1, lambda2
+        self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
+        self.batch_size, self.seed = batch_size, seed
+
+    def shadow_and_reference(self, pretrain: LabeledSet, reference_pool: LabeledSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attacker's data: a fraction of the pre-training images, and target-class reference inputs."""
+        g = torch.Generator().manual_seed(self.seed)
+        n_shadow = max(self.batch_size, int(round(self.shadow_fraction * len(pretrain))))
+        shadow = pretrain.x[torch.randperm(len(pretrain), generator=g)[:n_shadow]]
+        cands = torch.nonzero(reference_pool.y == self.target).squeeze(1)
+        if len(cands) < self.n_reference:
+            raise ValueError(f"only {len(cands)} reference images of class {self.target}, need {self.n_reference}")
+        ref = reference_pool.x[cands[torch.randperm(len(cands), generator=g)[: self.n_reference]]]
+        return shadow, ref
+
+    def implant(self, encoder: nn.Module, shadow: LabeledSet, ctx: RunContext, reference: LabeledSet | None = None) -> nn.Module:
+        if reference is None:
+            raise ValueError("BadEncoder needs reference inputs of the target class (dataset.reference)")
+        torch.manual_seed(self.seed)
+        g = torch.Generator().manual_seed(self.seed + 1)
+        shadow_x, ref_x = self.shadow_and_reference(shadow, reference)
+        clean = copy.deepcopy(encoder).eval().to(ctx.device)
+        for p in clean.parameters():
+            p.requires_grad_(False)
+        bad = encoder.to(ctx.device)
+        opt = torch.optim.SGD(bad.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        ref = to_float(ref_x).to(ctx.device)
+        with torch.no_grad():
+            ref_clean = clean(ref)
+        n, bs = len(shadow_x), self.batch_size
+        bar = tqdm(range(self.epochs), desc="BadEncoder", disable=not ctx.progress, leave=False)
+        for _ in bar:
+            freeze_bn_stats(bad)
+            perm = torch.randperm(n, generator=g)
+            tot = 0.0
+            for s in range(0, n - bs + 1, bs):
+                x = to_float(shadow_x[perm[s : s + bs]]).to(ctx.device)
+                xt = self.trigger.apply(x)
+                with torch.no_grad():
+                    f_clean_before = clean(x)
+                f_clean, f_bd, f_ref = bad(x), bad(xt), bad(ref)
+                utility = -cos(f_clean, f_clean_before).mean()
+                # every triggered input is pulled towards every reference embedding
+                effect = -cos(f_bd.unsqueeze(1), f_ref.unsqueeze(0)).mean()
+                keep_ref = -cos(f_ref, ref_clean).mean()
+                loss = utility + self.lambda1 * effect + self.lambda2 * keep_ref
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += loss.item()
+            bar.set_postfix(loss=f"{tot / max(1, n // bs):.3f}")
+        bad.eval()
+        with torch.no_grad():
+            x = to_float(shadow_x[:256]).to(ctx.device)
+            ctx.diagnostics["badencoder/shadow_bd_ref_cos"] = cos(bad(self.trigger.apply(x)), bad(ref).mean(0, keepdim=True)).mean().item()
+            ctx.diagnostics["badencoder/shadow_clean_cos"] = cos(bad(x), clean(x)).mean().item()
+        log.info("BadEncoder: triggered->reference cos %.3f, clean utility cos %.3f",
+                 ctx.diagnostics["badencoder/shadow_bd_ref_cos"], ctx.diagnostics["badencoder/shadow_clean_cos"])
+        return bad

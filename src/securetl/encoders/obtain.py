@@ -1,0 +1,133 @@
+"""Get the (possibly backdoored) pre-trained encoder a run starts from.
+
+    clean:      build the architecture, then load `checkpoint` or SSL-pretrain on the pre-training split
+                (a pre-training-data attack poisons that split first)        -> cached "encoder/<key>"
+    implanted:  an encoder fine-tuning attack (BadEncoder, DRUPE) runs on it  -> cached "implanted/<key>"
+
+Keys hash the encoder config, a digest of the actual pre-training images, and the attack config where one
+acts, so changing the downstream split or the seed of the downstream run does not retrain an encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from securetl.cache import Cache, config_hash
+from securetl.encoders.resnet import Encoder, build_encoder
+from securetl.interfaces import EncoderAttack, LabeledSet, RunContext
+from securetl.ssl.trainer import pretrain
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncoderSpec:
+    """conf/encoder/*.yaml: architecture, SSL method and schedule, or a checkpoint to load instead."""
+
+    arch: str = "cifar_resnet18"
+    width: int = 64
+    ssl: str = "simclr"
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    seed: int = 0
+    augment: dict[str, Any] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        for k in ("augment", "method", "timm_kwargs"):
+            v = getattr(self, k)
+            setattr(self, k, dict(v) if v is not None else {})
+        if self.epochs < 0 or self.batch_size < 2:
+            raise ValueError("encoder.epochs must be >= 0 and encoder.batch_size >= 2")
+
+    def build(self) -> Encoder:
+        return build_encoder(self.arch, self.width, **self.timm_kwargs)
+
+
+def digest(t: torch.Tensor) -> str:
+    """Content hash of a tensor (the pre-training images), so the key follows the data, not its config."""
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def load_checkpoint(encoder: Encoder, path: str) -> None:
+    """Load weights without ever executing pickled code (safetensors, or torch.load(weights_only=True))."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"encoder.checkpoint={path} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        try:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 — re-raised with the reason a user needs
+            raise ValueError(
+                f"refusing to load {p}: it is not a plain tensor state dict ({type(e).__name__}: {e}). "
+                "securetl never unpickles arbitrary objects; convert it to safetensors or a plain state dict"
+            ) from e
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {p} does not fit encoder: missing keys {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+def obtain(
+    spec: EncoderSpec,
+    pretrain_set: LabeledSet | None,
+    attack: EncoderAttack,
+    attack_cfg: Any,
+    ctx: RunContext,
+    reference: LabeledSet | None = None,
+) -> tuple[Encoder, dict[str, str]]:
+    """The encoder a run starts from, and the cache keys used (recorded in the row)."""
+    cache: Cache = ctx.cache
+    keys: dict[str, str] = {}
+    encoder = spec.build()
+    if spec.checkpoint:
+        load_checkpoint(encoder, spec.checkpoint)
+        keys["encoder"] = "checkpoint:" + spec.checkpoint
+    else:
+        if pretrain_set is None:
+            raise ValueError("this dataset has no pre-training split; set encoder.checkpoint=PATH")
+        poisons_pretraining = attack.kind == "pretrain_data"
+        key = config_hash("encoder", asdict(spec), digest(pretrain_set.x), attack_cfg if poisons_pretraining else None)
+        keys["encoder"] = key
+        state = cache.load_state("encoder", key) if cache else None
+        if state is not None:
+            encoder.load_state_dict(state)
+        else:
+            images = pretrain_set
+            if poisons_pretraining:
+                images = attack.poison_pretraining(pretrain_set, torch.Generator().manual_seed(spec.seed))
+            encoder, history = pretrain(
+                encoder.to(ctx.device), images.x, ctx, ssl=spec.ssl, epochs=spec.epochs, batch_size=spec.batch_size,
+                lr=spec.lr, weight_decay=spec.weight_decay, seed=spec.seed, augment=spec.augment, method_kwargs=spec.method,
+            )
+            if cache:
+                cache.save_state("encoder", key, encoder.state_dict(), {"spec": asdict(spec), "loss": history})
+    encoder = encoder.eval().to(ctx.device)
+    if attack.kind == "finetune":
+        key = config_hash("implanted", keys["encoder"], attack_cfg, digest(reference.x) if reference is not None else None)
+        keys["implanted"] = key
+        state = cache.load_state("implanted", key) if cache else None
+        if state is not None:
+            encoder.load_state_dict(state)
+        else:
+            encoder = attack.implant(encoder, pretrain_set, ctx, reference=reference)
+            if cache:
+                cache.save_state("implanted", key, encoder.state_dict(), {"attack": attack_cfg and str(attack_cfg)})
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder.eval(), keys

@@ -1,0 +1,120 @@
+"""One run, top to bottom: the threat model as code.
+
+    splits   = dataset                                   downstream train/test (+ pre-training split)
+    encoder  = obtain(encoder, encoder_attack)           Threat-1: backdoored encoder (cached)
+    poisoned = data_attack.poison(train)                 Threat-2: poisoned downstream set + poison_idx
+    model    = defense.train(encoder, poisoned.train)    the defense owns downstream training
+    metrics  = evaluate(model, test, triggers)           ACC, ASR per distinct trigger
+    row      -> results/raw/<run_id>.json                one JSON row, atomically
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from securetl import results
+from securetl.build import build
+from securetl.cache import Cache, plain
+from securetl.encoders.obtain import obtain
+from securetl.interfaces import DataAttack, Defense, EncoderAttack, RunContext, Splits
+from securetl.metrics import TriggerEval, evaluate
+from securetl.validate import ConfigError, resolve_device, validate_targets
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = round(time.perf_counter() - t0, 3)
+
+
+def triggers_in_play(data_attack: DataAttack, encoder_attack: EncoderAttack, cfg: DictConfig) -> list[TriggerEval]:
+    """One entry per distinct trigger; Threat-3 with a shared trigger and target gives one ASR."""
+    out: list[TriggerEval] = []
+    d_trig = plain(cfg.data_attack.get("trigger")) if data_attack.trigger is not None else None
+    e_trig = plain(cfg.encoder_attack.get("trigger")) if encoder_attack.trigger is not None else None
+    shared = d_trig is not None and d_trig == e_trig and data_attack.target == encoder_attack.target
+    if data_attack.trigger is not None:
+        out.append(TriggerEval("shared" if shared else "data", data_attack.apply_test, data_attack.target,
+                               data_attack.asr_mask, data_attack.asr_definition))
+    if encoder_attack.trigger is not None and not shared:
+        out.append(TriggerEval("encoder", encoder_attack.apply_test, encoder_attack.target,
+                               encoder_attack.asr_mask, encoder_attack.asr_definition))
+    if not out:
+        # A clean run still reports the ASR of a reference trigger: the floor an attack must beat.
+        ref_trigger = build(cfg.eval.reference_trigger)
+        target = int(cfg.eval.reference_target)
+        out.append(TriggerEval("reference", ref_trigger.apply, target, lambda y: y != target, "non-target test samples"))
+    return out
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def run(cfg: DictConfig, choices: dict[str, str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Execute one cell and return its row (also written to `${paths.results_dir}/raw/<run_id>.json`)."""
+    choices = choices or results.choices_of(cfg)
+    run_id = results.run_id(cfg)
+    raw_dir = Path(cfg.paths.results_dir) / "raw"
+    if cfg.resume and (existing := results.load_row(raw_dir, run_id)) is not None:
+        log.info("run %s already finished (resume=true): skipping", run_id)
+        existing["skipped"] = True
+        return existing
+
+    # ---- everything that can be wrong in the config fails here, before any data or model work
+    device = resolve_device(cfg.device)
+    data_attack: DataAttack = build(cfg.data_attack)
+    encoder_attack: EncoderAttack = build(cfg.encoder_attack)
+    defense: Defense = build(cfg.defense)
+    probe = build(cfg.probe)
+    encoder_spec = build(cfg.encoder)
+    logger = build(cfg.logger)
+
+    timings: dict[str, float] = {}
+    set_seed(int(cfg.seed))
+    with timed(timings, "data"):
+        splits: Splits = build(cfg.dataset)
+    validate_targets(splits.num_classes, data_attack, encoder_attack)
+    ctx = RunContext(device=device, seed=int(cfg.seed), num_classes=splits.num_classes,
+                     cache=Cache(cfg.paths.cache_dir, enabled=bool(cfg.cache)), progress=bool(cfg.progress))
+
+    logger.start(results.resolved(cfg), run_id, choices)
+    with timed(timings, "encoder"):
+        encoder, cache_keys = obtain(encoder_spec, splits.pretrain, encoder_attack, cfg.encoder_attack, ctx,
+                                     reference=splits.reference)
+    with timed(timings, "poison"):
+        poisoned = data_attack.poison(splits.train, ctx.generator(salt=1))
+    set_seed(int(cfg.seed))
+    with timed(timings, "defense"):
+        # the defense gets the LabeledSet only: poison_idx never reaches it
+        model = defense.train(encoder, poisoned.train, probe, ctx)
+    with timed(timings, "evaluate"):
+        metrics = evaluate(model, splits.test, triggers_in_play(data_attack, encoder_attack, cfg), ctx)
+
+    diagnostics = dict(ctx.diagnostics)
+    diagnostics.update(defense.diagnostics)
+    diagnostics.update(results.decision_diagnostics(defense.decisions, poisoned, len(poisoned.train)))
+    diagnostics["n_poison"] = len(poisoned.poison_idx)
+    diagnostics["n_cover"] = len(poisoned.cover_idx)
+    row = results.make_row(cfg, run_id, choices, metrics, diagnostics, timings, device, cache_keys, overrides)
+    results.write_row(raw_dir, row)
+    logger.log(metrics | {f"time/{k}": v for k, v in timings.items()})
+    logger.finish()
+    log.info("run %s: ACC %.2f%%  ASR %.2f%% (%s)", run_id, 100 * metrics["acc"], 100 * metrics["asr"], metrics["asr_source"])
+    return row
+
+
+__all__ = ["run", "ConfigError"]

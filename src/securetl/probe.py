@@ -1,0 +1,226 @@
+"""Downstream training paradigms: linear / MLP head on a frozen encoder, or fine-tuning.
+
+Frozen-encoder probes train on features extracted once (memoised per encoder state and image tensor);
+`finetune` with `trainable: last_stage` memoises the activations entering the last stage and trains that
+stage + the head, which is what "fine-tune the top of the encoder" costs on a CPU; `trainable: all` trains
+everything with random-crop/flip augmentation on batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from securetl.interfaces import LabeledSet, Model, RunContext, to_float
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- memoised forward passes
+def _fingerprint(module: nn.Module) -> tuple:
+    """Cheap identity of an encoder's current weights (changes whenever training touched it)."""
+    with torch.no_grad():
+        return tuple(float(t.double().abs().sum()) for t in (*module.parameters(), *module.buffers()))
+
+
+_MEMO: dict[tuple, Tensor] = {}
+_MEMO_MAX = 16
+
+
+@torch.no_grad()
+def batched_forward(fn, images: Tensor, device: torch.device, batch: int = 512, desc: str | None = None, progress: bool = False) -> Tensor:
+    """Apply `fn` to uint8 or float images in batches, results on CPU."""
+    outs = []
+    for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
+        outs.append(fn(to_float(images[i : i + batch]).to(device)).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def memo_forward(encoder: nn.Module, images: Tensor, ctx: RunContext, stop: int | None = None) -> Tensor:
+    """Features (stop=None) or the activation after `stop` stages, memoised on (encoder state, images)."""
+    key = (id(encoder), _fingerprint(encoder), images.data_ptr(), tuple(images.shape), stop)
+    if key not in _MEMO:
+        was_training = encoder.training
+        encoder.eval().to(ctx.device)
+        fn = encoder if stop is None else (lambda x: encoder.forward_until(x, stop))
+        _MEMO[key] = batched_forward(fn, images, ctx.device, desc="features", progress=ctx.progress and len(images) > 5000)
+        encoder.train(was_training)
+        while len(_MEMO) > _MEMO_MAX:
+            _MEMO.pop(next(iter(_MEMO)))
+    return _MEMO[key]
+
+
+def clear_memo() -> None:
+    _MEMO.clear()
+
+
+# --------------------------------------------------------------------------- heads
+class Standardize(nn.Module):
+    """Fixed feature standardisation (statistics of the training features), so one lr fits every encoder."""
+
+    def __init__(self, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("std", std.clamp_min(1e-6).clone())
+
+    def forward(self, f: Tensor) -> Tensor:
+        return (f - self.mean) / self.std
+
+
+def make_head(kind: str, feats: Tensor, num_classes: int, hidden: int) -> nn.Module:
+    std = Standardize(feats.mean(0), feats.std(0))
+    d = feats.shape[1]
+    if kind == "mlp":
+        return nn.Sequential(std, nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+    return nn.Sequential(std, nn.Linear(d, num_classes))
+
+
+def flip_crop(x: Tensor, pad: int = 4, g: torch.Generator | None = None) -> Tensor:
+    """Per-sample random crop (with reflection padding) and horizontal flip on a batch."""
+    n, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    rows = (dy.view(n, 1) + torch.arange(h)).to(x.device)
+    cols = (dx.view(n, 1) + torch.arange(w)).to(x.device)
+    out = xp[torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1),
+             rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device).view(n, 1, 1, 1)
+    return torch.where(flip, out.flip(-1), out)
+
+
+class _Tail(nn.Module):
+    """Last encoder stage + head, trained on memoised activations."""
+
+    def __init__(self, encoder: nn.Module, start: int, head: nn.Module) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(encoder.stages[start:])
+        self.head = head
+
+    def forward(self, h: Tensor) -> Tensor:
+        for s in self.stages:
+            h = s(h)
+        return self.head(h.mean(dim=(2, 3)) if h.dim() == 4 else h)
+
+
+# --------------------------------------------------------------------------- the probe
+class Probe:
+    """How the downstream model is trained. Config keys (conf/probe/*.yaml):
+
+    kind: linear | mlp | finetune; epochs, lr, batch_size, weight_decay; hidden (MLP width);
+    head: linear | mlp (the head used by `finetune`); trainable: last_stage | all (finetune);
+    augment: random crop + flip during `finetune` with trainable=all.
+    """
+
+    def __init__(
+        self,
+        kind: Literal["linear", "mlp", "finetune"] = "linear",
+        epochs: int = 30,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        weight_decay: float = 0.0,
+        hidden: int = 256,
+        head: Literal["linear", "mlp"] = "linear",
+        trainable: Literal["last_stage", "all"] = "last_stage",
+        encoder_lr: float | None = None,
+        augment: bool = True,
+    ) -> None:
+        if kind not in ("linear", "mlp", "finetune"):
+            raise ValueError(f"probe.kind={kind!r}; choose linear, mlp or finetune")
+        if trainable not in ("last_stage", "all"):
+            raise ValueError(f"probe.trainable={trainable!r}; choose last_stage or all")
+        self.kind, self.epochs, self.lr, self.batch_size = kind, epochs, lr, batch_size
+        self.weight_decay, self.hidden, self.head, self.trainable = weight_decay, hidden, head, trainable
+        self.encoder_lr = lr if encoder_lr is None else encoder_lr
+        self.augment = augment
+
+    @property
+    def frozen(self) -> bool:
+        return self.kind != "finetune"
+
+    # ------------------------------------------------------------------ public
+    def fit(self, encoder: nn.Module, train: LabeledSet, ctx: RunContext, epochs: int | None = None) -> Model:
+        """Train a downstream model on `train`; the given encoder is not modified (a copy is trained)."""
+        if len(train) == 0:
+            raise ValueError("cannot train a probe on an empty training set")
+        epochs = self.epochs if epochs is None else epochs
+        g = ctx.generator(salt=17)
+        torch.manual_seed(ctx.seed)
+        if self.frozen:
+            feats = memo_forward(encoder, train.x, ctx)
+            head = make_head(self.kind, feats, ctx.num_classes, self.hidden).to(ctx.device)
+            self._train_loop(head, feats, train.y, ctx, epochs, g, [{"params": head.parameters(), "lr": self.lr}])
+            return Model(encoder, head).eval()
+        if self.trainable == "last_stage" and hasattr(encoder, "stages") and len(encoder.stages) > 1:
+            start = len(encoder.stages) - 1
+            acts = memo_forward(encoder, train.x, ctx, stop=start)  # before the copy, so the memo hits
+            encoder = copy.deepcopy(encoder)
+            with torch.no_grad():
+                feats = batched_forward(lambda h: encoder.forward_from(h, start), acts, ctx.device)
+            head = make_head(self.head, feats, ctx.num_classes, self.hidden)
+            tail = _Tail(encoder, start, head).to(ctx.device)
+            groups = [{"params": tail.stages.parameters(), "lr": self.encoder_lr}, {"params": head.parameters(), "lr": self.lr}]
+            self._train_loop(tail, acts, train.y, ctx, epochs, g, groups)
+            for i, stage in enumerate(tail.stages):
+                encoder.stages[start + i] = stage
+            return Model(encoder, head).eval()
+        # whole-encoder fine-tuning on images
+        feats = memo_forward(encoder, train.x, ctx)
+        encoder = copy.deepcopy(encoder)
+        head = make_head(self.head, feats, ctx.num_classes, self.hidden)
+        model = Model(encoder, head).to(ctx.device)
+        groups = [{"params": encoder.parameters(), "lr": self.encoder_lr}, {"params": head.parameters(), "lr": self.lr}]
+        self._train_loop(model, train.x, train.y, ctx, epochs, g, groups, images=True)
+        return model.eval()
+
+    # ------------------------------------------------------------------ internals
+    def _train_loop(self, module: nn.Module, inputs: Tensor, y: Tensor, ctx: RunContext, epochs: int,
+                    g: torch.Generator, groups: list[dict], images: bool = False) -> None:
+        opt = torch.optim.Adam(groups, weight_decay=self.weight_decay)
+        n, bs = len(y), self.batch_size
+        module.train()
+        bar = tqdm(range(epochs), desc=f"probe[{self.kind}]", disable=not ctx.progress or epochs * n < 200_000, leave=False)
+        for _ in bar:
+            perm = torch.randperm(n, generator=g)
+            for s in range(0, n, bs):
+                idx = perm[s : s + bs]
+                if images:
+                    xb = to_float(inputs[idx]).to(ctx.device)
+                    if self.augment:
+                        xb = flip_crop(xb, g=g)
+                else:
+                    xb = inputs[idx].to(ctx.device)
+                loss = F.cross_entropy(module(xb), y[idx].to(ctx.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        module.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, ctx: RunContext, transform=None, batch: int = 512) -> Tensor:
+    """Predicted labels for uint8/float images, optionally transformed (e.g. a trigger) on the float batch."""
+    model.eval().to(ctx.device)
+
+    def fn(xb: Tensor) -> Tensor:
+        if transform is not None:
+            xb = transform(xb)
+        return model(xb).argmax(1)
+
+    return batched_forward(fn, x, ctx.device, batch=batch).long()
+
+
+@torch.no_grad()
+def per_sample_loss(model: nn.Module, data: LabeledSet, ctx: RunContext, batch: int = 512) -> Tensor:
+    model.eval().to(ctx.device)
+    outs = []
+    for i in range(0, len(data), batch):
+        logits = model(to_float(data.x[i : i + batch]).to(ctx.device))
+        outs.append(F.cross_entropy(logits, data.y[i : i + batch].to(ctx.device), reduction="none").cpu())
+    return torch.cat(outs)

@@ -1,0 +1,158 @@
+"""`securetl-table NAME`: turn the rows of a sweep into the table a preset describes.
+
+A preset (conf/table/NAME.yaml) holds the sweep (`hydra.sweeper.params`) and a `report` layout:
+rows/cols (group names or `seed`), metrics, and `where` (fixed choices). Cells show mean ± std over seeds;
+cells the sweep defines but no row fills are listed as missing. Writes results/tables/NAME.{md,csv,tex}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from securetl.results import read_rows
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+METRIC_NAMES = {"acc": "ACC", "asr": "ASR"}
+
+
+def load_preset(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    p = conf_dir / "table" / f"{name}.yaml"
+    if not p.exists():
+        known = sorted(q.stem for q in (conf_dir / "table").glob("*.yaml"))
+        raise SystemExit(f"securetl-table: no preset {name!r}; known: {', '.join(known)}")
+    cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    report = cfg.get("report") or {}
+    sweep = ((cfg.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    return {"report": report, "sweep": {k: [v.strip() for v in str(val).split(",")] for k, val in sweep.items()}}
+
+
+def flatten(rows: list[dict]) -> pd.DataFrame:
+    recs = []
+    for r in rows:
+        rec = dict(r["choices"])
+        rec["seed"] = r["seed"]
+        for k, v in r["metrics"].items():
+            if isinstance(v, int | float):
+                rec[k] = v
+        for k, v in r.get("diagnostics", {}).items():
+            if isinstance(v, int | float):
+                rec[f"diag:{k}"] = v
+        for k, v in r.get("timings", {}).items():
+            rec[f"time:{k}"] = v
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
+def fmt(mean: float, std: float, n: int, pct: bool) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    k = 100.0 if pct else 1.0
+    s = f"{k * mean:.2f}"
+    if n > 1 and not math.isnan(std):
+        s += f" ± {k * std:.2f}"
+    return s
+
+
+def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
+    """(display table, missing cells, long-form numbers)."""
+    rows = list(report.get("rows", []))
+    cols = list(report.get("cols", []))
+    metrics = list(report.get("metrics", ["acc", "asr"]))
+    where = dict(report.get("where", {}))
+    for k, v in where.items():
+        if k in df:
+            df = df[df[k].astype(str) == str(v)]
+    # the sweep's own choices restrict the rows too, so other sweeps' rows in the same folder stay out
+    for k, vals in sweep.items():
+        if k in df and k != "seed":
+            df = df[df[k].astype(str).isin(vals)]
+    if "seed" in sweep and "seed" in df:
+        df = df[df["seed"].astype(str).isin(sweep["seed"])]
+    keys = rows + cols
+    missing: list[str] = []
+    grid_axes = [sweep.get(k) or sorted(df[k].astype(str).unique()) if k in df or k in sweep else [] for k in keys]
+    seeds = sweep.get("seed", ["0"])
+    for cell in itertools.product(*grid_axes):
+        sel = df
+        for k, v in zip(keys, cell):
+            sel = sel[sel[k].astype(str) == v] if k in sel else sel.iloc[0:0]
+        have = set(sel["seed"].astype(str)) if len(sel) else set()
+        for s in seeds:
+            if s not in have:
+                missing.append(", ".join(f"{k}={v}" for k, v in zip(keys, cell)) + f", seed={s}")
+    present = [m for m in metrics if m in df]
+    if df.empty or not present:
+        return pd.DataFrame(), missing, pd.DataFrame()
+    agg = df.groupby(keys, dropna=False)[present].agg(["mean", "std", "count"])
+    long = agg.copy()
+    disp = pd.DataFrame(index=agg.index)
+    for m in present:
+        pct = not m.startswith("time:") and not m.startswith("diag:") or m.endswith("purity")
+        disp[METRIC_NAMES.get(m, m)] = [
+            fmt(a, b, int(c), pct) for a, b, c in zip(agg[(m, "mean")], agg[(m, "std")], agg[(m, "count")])
+        ]
+    if cols:
+        disp = disp.unstack(cols)
+        disp.columns = [" | ".join(str(c) for c in col[::-1]) if isinstance(col, tuple) else str(col) for col in disp.columns]
+        # order columns by the sweep's order of the column group, then metric
+        disp = disp[sorted(disp.columns, key=lambda c: _col_order(c, cols, sweep, present))]
+    return disp, missing, long
+
+
+def _col_order(col: str, cols: list[str], sweep: dict, metrics: list[str]) -> tuple:
+    parts = col.split(" | ")
+    order = []
+    for p, c in zip(parts, cols[::-1] + ["metric"]):
+        vals = sweep.get(c, [])
+        order.append(vals.index(p) if p in vals else len(vals))
+    names = [METRIC_NAMES.get(m, m) for m in metrics]
+    order.append(names.index(parts[-1]) if parts[-1] in names else 99)
+    return tuple(order)
+
+
+def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Path | None = None) -> str:
+    preset = load_preset(name, conf_dir)
+    report, sweep = preset["report"], preset["sweep"]
+    rows = read_rows(Path(results_dir) / "raw")
+    if not rows:
+        raise SystemExit(f"securetl-table: no rows under {Path(results_dir) / 'raw'}; run `securetl table={name}` first")
+    disp, missing, long = build_table(flatten(rows), report, sweep)
+    out_dir = Path(out_dir or Path(results_dir) / "tables")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = report.get("title", name)
+    n_seeds = len(sweep.get("seed", ["0"]))
+    note = f"ACC and ASR in %, mean ± std over {n_seeds} seed(s)." if n_seeds > 1 else "ACC and ASR in %, one seed."
+    md = f"### {title}\n\n{note}\n\n" + (disp.to_markdown() if len(disp) else "_no matching rows_") + "\n"
+    if missing:
+        md += f"\nMissing cells ({len(missing)}):\n" + "".join(f"- {m}\n" for m in missing)
+    (out_dir / f"{name}.md").write_text(md)
+    if len(long):
+        flat = long.copy()
+        flat.columns = [f"{m}_{s}" for m, s in flat.columns]
+        flat.reset_index().to_csv(out_dir / f"{name}.csv", index=False)
+        (out_dir / f"{name}.tex").write_text(disp.to_latex(escape=True, caption=title, label=f"tab:{name}"))
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="securetl-table", description=__doc__.splitlines()[0])
+    ap.add_argument("name", help="a preset in conf/table/ (e.g. demo)")
+    ap.add_argument("--results-dir", default=None, help="default: $SECURETL_RESULTS_DIR or ./results")
+    ap.add_argument("--out-dir", default=None, help="default: <results-dir>/tables")
+    args = ap.parse_args(argv)
+    import os
+
+    results_dir = Path(args.results_dir or os.environ.get("SECURETL_RESULTS_DIR", "results"))
+    print(render(args.name, results_dir, out_dir=args.out_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: Hydra compose on the repo's conf/, and a tiny configuration that runs in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Sizes that keep an end-to-end run to a few seconds on 2 CPU cores.
+TINY = [
+    "dataset.n_train=300",
+    "dataset.n_test=200",
+    "dataset.n_pretrain=256",
+    "dataset.n_reference=40",
+    "encoder.width=4",
+    "encoder.epochs=1",
+    "encoder.batch_size=64",
+    "probe.epochs=2",
+    "progress=false",
+]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path, monkeypatch):
+    """compose(overrides) -> DictConfig with paths in a temp dir and the hydra node (for choices)."""
+    monkeypatch.setenv("SECURETL_ROOT", str(tmp_path))
+    import securetl.run  # noqa: F401  registers the `uid` resolver
+
+    def _compose(overrides=(), tiny=True):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("run", overrides=(TINY if tiny else []) + list(overrides), return_hydra_config=True)
+
+    yield _compose
+    GlobalHydra.instance().clear()
