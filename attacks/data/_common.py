@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from securetl.interfaces import to_float, to_uint8
 
 
 def check_rate(name: str, rate: float) -> float:
     rate = float(rate)
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"data_attack.{name}={rate} must lie in [0, 1] (a fraction of the whole training set)")
+        raise ValueError(
+            f"data_attack.{name}={rate} must lie in [0, 1] (a fraction of the whole training set)"
+        )
     return rate
 
 
@@ -24,3 +30,29 @@ def choose(candidates: Tensor, k: int, generator: torch.Generator, what: str = "
         raise ValueError(f"asked for {k} {what} samples but only {len(candidates)} are eligible")
     pick = candidates[torch.randperm(len(candidates), generator=generator)[:k]]
     return pick.sort().values
+
+
+def check_class(name: str, c: int, num_classes: int) -> None:
+    if not 0 <= int(c) < num_classes:
+        raise ValueError(f"data_attack.{name}={c} but the dataset has {num_classes} classes")
+
+
+def indices_where(mask: Tensor) -> Tensor:
+    return torch.nonzero(mask).squeeze(1)
+
+
+def outside(n: int, taken: Tensor) -> Tensor:
+    """Indices of 0..n-1 that are not in `taken` (cover samples never overlap poisons)."""
+    free = torch.ones(n, dtype=torch.bool)
+    free[taken] = False
+    return indices_where(free)
+
+
+def transform_uint8(x: Tensor, fn: Callable[[Tensor, slice], Tensor], batch: int = 4096) -> Tensor:
+    """Apply `fn(float_batch, rows)` to uint8 images in batches; `rows` tells a per-sample fn which
+    samples the batch holds (e.g. to index per-sample masks drawn beforehand)."""
+    out = torch.empty_like(x)
+    for i in range(0, len(x), batch):
+        rows = slice(i, min(i + batch, len(x)))
+        out[rows] = to_uint8(fn(to_float(x[rows]), rows))
+    return out
