@@ -1,0 +1,144 @@
+"""Phase 4 — bootstrapping learning: grow a clean pool from the clean subset and train on it only.
+
+    min_{phi, psi}  E_{(x, y) in D_clean}  l(f(phi) o g(x; psi u chi), y)      chi frozen, psi re-initialised
+
+  loss-guided expansion  move the lowest-loss samples of D \\ D_clean into the pool;
+  meta-guided expansion  Loss1 = current model's loss on D \\ D_clean, Loss2 = loss of a temporary copy after a
+                         short training on all of D; poison is learned fast, so its loss drops most: move the
+                         samples with the SMALLEST reduction Loss1 - Loss2 into the pool.
+  stop at |D_clean| = rho |D|, then train the final model on D_clean.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .channels import MaskedBN, Tail
+
+
+@dataclass
+class BootstrapResult:
+    pool_idx: Tensor
+    steps: list[dict] = field(default_factory=list)  # {"kind", "pool": Tensor}
+
+
+class Trainer:
+    """Trains a Tail on memoised activations; gradient masks keep trusted channels (chi) frozen."""
+
+    def __init__(self, grad_masks: dict[str, Tensor] | None, lr: float, batch_size: int, weight_decay: float = 5e-4):
+        self.grad_masks, self.lr, self.batch_size, self.weight_decay = grad_masks, lr, batch_size, weight_decay
+
+    def train(self, tail: Tail, acts: Tensor, y: Tensor, epochs: int, g: torch.Generator, train_stages: bool = True) -> None:
+        frozen_stats = self._trusted_stats(tail)
+        params = list(tail.head.parameters())
+        if train_stages:
+            params += [p for n, p in tail.stages.named_parameters() if not n.endswith(".mask")]
+        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        stage_params = dict(tail.stages.named_parameters())
+        n = len(y)
+        tail.train()
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=g)
+            for s in range(0, n, self.batch_size):
+                b = perm[s : s + self.batch_size]
+                if len(b) < 2:
+                    continue
+                loss = F.cross_entropy(tail(acts[b]), y[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if train_stages and self.grad_masks is not None:
+                    for name, mask in self.grad_masks.items():
+                        p = stage_params.get(name)
+                        if p is not None and p.grad is not None:
+                            p.grad.mul_(mask)
+                opt.step()
+                if train_stages and self.grad_masks is not None:
+                    self._restore(tail, frozen_stats)
+        tail.eval()
+
+    def _trusted_stats(self, tail: Tail) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        """Snapshot of trusted channels' BN parameters/statistics. Adam's weight decay and running-stat
+        updates would otherwise move chi even with zero gradients."""
+        if self.grad_masks is None:
+            return {}
+        out = {}
+        for name, bn in tail.bns():
+            trainable = self.grad_masks.get(f"{name}.weight")
+            keep = (trainable == 0) if trainable is not None else torch.ones(bn.num_features, dtype=torch.bool)
+            out[name] = (keep, bn.weight.detach().clone(), bn.bias.detach().clone(),
+                         bn.running_mean.clone(), bn.running_var.clone())
+        self._conv_snap = {n: p.detach().clone() for n, p in tail.stages.named_parameters()
+                           if n in self.grad_masks and not n.endswith(".mask")}
+        return out
+
+    @torch.no_grad()
+    def _restore(self, tail: Tail, snap) -> None:
+        for name, bn in tail.bns():
+            keep, w, b, rm, rv = snap[name]
+            bn.weight[keep] = w[keep]
+            bn.bias[keep] = b[keep]
+            bn.running_mean[keep] = rm[keep]
+            bn.running_var[keep] = rv[keep]
+        params = dict(tail.stages.named_parameters())
+        for n, old in self._conv_snap.items():
+            frozen = self.grad_masks[n] == 0
+            params[n][frozen] = old[frozen]
+
+
+@torch.no_grad()
+def per_sample_loss(model: nn.Module, acts: Tensor, y: Tensor, batch: int = 1024) -> Tensor:
+    model.eval()
+    return torch.cat([F.cross_entropy(model(acts[i : i + batch]), y[i : i + batch], reduction="none")
+                      for i in range(0, len(y), batch)])
+
+
+def bootstrap(
+    tail: Tail,
+    acts: Tensor,
+    y: Tensor,
+    start_idx: Tensor,
+    trainer: Trainer,
+    g: torch.Generator,
+    rho: float = 0.8,
+    loss_guided_steps: int = 2,
+    meta_guided_steps: int = 2,
+    epochs_per_step: int = 5,
+    meta_epochs: int = 1,
+    final_epochs: int = 10,
+    train_stages: bool = True,
+) -> BootstrapResult:
+    """Grow the pool from `start_idx` to rho*N in loss-guided then meta-guided steps; train on it."""
+    n = len(y)
+    target = int(round(rho * n))
+    pool = torch.zeros(n, dtype=torch.bool)
+    pool[start_idx] = True
+    steps: list[dict] = []
+    kinds = ["loss"] * loss_guided_steps + ["meta"] * meta_guided_steps
+    trainer.train(tail, acts[pool], y[pool], epochs_per_step, g, train_stages)
+    for i, kind in enumerate(kinds):
+        have = int(pool.sum())
+        if have >= target:
+            break
+        add = (target - have + (len(kinds) - i) - 1) // (len(kinds) - i)  # spread what is left evenly
+        rest = torch.nonzero(~pool).squeeze(1)
+        loss1 = per_sample_loss(tail, acts[rest], y[rest])
+        if kind == "loss":
+            score = loss1  # lowest loss first
+        else:
+            temp = copy.deepcopy(tail)
+            trainer.train(temp, acts, y, meta_epochs, g, train_stages)
+            loss2 = per_sample_loss(temp, acts[rest], y[rest])
+            score = loss1 - loss2  # smallest reduction first
+        pool[rest[torch.argsort(score)[:add]]] = True
+        steps.append({"kind": kind, "pool": torch.nonzero(pool).squeeze(1)})
+        trainer.train(tail, acts[pool], y[pool], epochs_per_step, g, train_stages)
+    trainer.train(tail, acts[pool], y[pool], final_epochs, g, train_stages)
+    return BootstrapResult(torch.nonzero(pool).squeeze(1), steps)
+
+
+__all__ = ["BootstrapResult", "Trainer", "bootstrap", "per_sample_loss", "MaskedBN"]

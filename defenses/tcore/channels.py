@@ -1,0 +1,202 @@
+"""Phase 3 — encoder channel filtering on the trainable part of the encoder (its last stage(s)).
+
+  selective unlearning  maximise the loss on all of D, updating ONLY normalisation parameters, until the
+                        accuracy on D falls below a threshold (cheap; breaks clean and backdoor behaviour);
+  filter recovering     on the clean subset only, learn a mask m in [0, 1] per channel (init 1, clipped
+                        after each step, L1 pull towards 0) that restores clean accuracy;
+  channel filtering     channels with m >= sigma are trusted (chi); the rest (psi) were not needed for clean
+                        recovery, which is where a backdoor lives.
+
+A channel is a BatchNorm channel: the mask scales that BN's affine weight and bias (as in RNP's masked BN).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MaskedBN(nn.BatchNorm2d):
+    """BatchNorm2d whose affine output is scaled per channel by `mask` (fixed at 1 unless trained)."""
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d) -> MaskedBN:
+        m = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=True, track_running_stats=True)
+        m.load_state_dict(bn.state_dict())
+        m.mask = nn.Parameter(torch.ones(bn.num_features), requires_grad=False)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight * self.mask, self.bias * self.mask,
+            self.training, self.momentum, self.eps,
+        )
+
+
+class Tail(nn.Module):
+    """The encoder's last stage(s) + a linear head, run on activations memoised at the stage boundary."""
+
+    def __init__(self, stages: list[nn.Module], feat_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(copy.deepcopy(stages))
+        for stage in self.stages:
+            _swap_bn(stage)
+        self.head = nn.Linear(feat_dim, num_classes)
+
+    def features(self, h: Tensor) -> Tensor:
+        for s in self.stages:
+            h = s(h)
+        return h.mean(dim=(2, 3)) if h.dim() == 4 else h
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.head(self.features(h))
+
+    def bns(self) -> Iterator[tuple[str, MaskedBN]]:
+        for name, m in self.stages.named_modules():
+            if isinstance(m, MaskedBN):
+                yield name, m
+
+    def masks(self) -> dict[str, Tensor]:
+        return {n: m.mask.detach().clone() for n, m in self.bns()}
+
+    def n_channels(self) -> int:
+        return sum(m.num_features for _, m in self.bns())
+
+
+def _swap_bn(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, MaskedBN):
+            setattr(module, name, MaskedBN.from_bn(child))
+        else:
+            _swap_bn(child)
+
+
+def unmask(module: nn.Module) -> nn.Module:
+    """Turn MaskedBN layers back into plain BatchNorm2d with the mask folded into weight and bias."""
+    for name, child in module.named_children():
+        if isinstance(child, MaskedBN):
+            bn = nn.BatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum)
+            with torch.no_grad():
+                bn.weight.copy_(child.weight * child.mask)
+                bn.bias.copy_(child.bias * child.mask)
+                bn.running_mean.copy_(child.running_mean)
+                bn.running_var.copy_(child.running_var)
+            bn.train(child.training)
+            setattr(module, name, bn)
+        else:
+            unmask(child)
+    return module
+
+
+@torch.no_grad()
+def accuracy(tail: Tail, acts: Tensor, y: Tensor, batch: int = 1024) -> float:
+    tail.eval()
+    correct = sum(int((tail(acts[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    return correct / max(1, len(y))
+
+
+def unlearn(tail: Tail, acts: Tensor, y: Tensor, g: torch.Generator, threshold: float = 0.2, lr: float = 0.01,
+            batch_size: int = 128, max_steps: int = 500, check_every: int = 10) -> dict:
+    """Gradient ascent on the CE loss over D, normalisation parameters only, until acc(D) < threshold."""
+    params = [p for _, m in tail.bns() for p in (m.weight, m.bias)]
+    for p in tail.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    n, steps = len(y), 0
+    probe_idx = torch.randperm(n, generator=g)[:1024]
+    acc = accuracy(tail, acts[probe_idx], y[probe_idx])
+    tail.eval()  # running statistics stay those of the model being analysed
+    while acc >= threshold and steps < max_steps:
+        b = torch.randint(0, n, (batch_size,), generator=g)
+        loss = -F.cross_entropy(tail(acts[b]), y[b])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+        if steps % check_every == 0:
+            acc = accuracy(tail, acts[probe_idx], y[probe_idx])
+    for p in tail.parameters():
+        p.requires_grad_(True)
+    return {"unlearn_steps": steps, "unlearn_acc": acc}
+
+
+def recover_masks(tail: Tail, acts: Tensor, y: Tensor, g: torch.Generator, epochs: int = 10, lr: float = 0.1,
+                  l1: float = 1e-3, batch_size: int = 128) -> dict[str, Tensor]:
+    """Learn per-channel masks (everything else frozen) that restore accuracy on the clean subset."""
+    for p in tail.parameters():
+        p.requires_grad_(False)
+    masks = []
+    for _, m in tail.bns():
+        m.mask.requires_grad_(True)
+        masks.append(m.mask)
+    opt = torch.optim.SGD(masks, lr=lr, momentum=0.9)
+    tail.eval()
+    n = len(y)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, batch_size):
+            b = perm[s : s + batch_size]
+            loss = F.cross_entropy(tail(acts[b]), y[b]) + l1 * sum(m.abs().sum() for m in masks)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for m in masks:
+                    m.clamp_(0.0, 1.0)
+    for m in masks:
+        m.requires_grad_(False)
+    return tail.masks()
+
+
+def _producer_convs(stage_root: nn.Module) -> dict[str, nn.Conv2d]:
+    """For each BN (by name), the conv whose output channels it normalises (the module just before it)."""
+    out, prev_conv = {}, None
+    for name, m in stage_root.named_modules():
+        if isinstance(m, nn.Conv2d):
+            prev_conv = m
+        elif isinstance(m, MaskedBN) and prev_conv is not None and prev_conv.out_channels == m.num_features:
+            out[name] = prev_conv
+    return out
+
+
+def reinit_untrusted(tail: Tail, untrusted: dict[str, Tensor], g: torch.Generator) -> dict[str, Tensor]:
+    """Re-initialise psi: for each untrusted BN channel, its producing conv filter (Kaiming) and its BN
+    parameters/statistics. Returns per-parameter gradient masks (1 = trainable psi, 0 = frozen chi)."""
+    convs = _producer_convs(tail.stages)
+    grad_masks: dict[str, Tensor] = {}
+    named_params = dict(tail.stages.named_parameters())
+    with torch.no_grad():
+        for name, bn in tail.bns():
+            bad = untrusted[name]
+            bn.mask.fill_(1.0)
+            conv = convs.get(name)
+            if conv is not None and bad.any():
+                fresh = torch.empty_like(conv.weight)
+                fan_out = fresh.shape[0] * fresh[0, 0].numel()
+                fresh.normal_(0, (2.0 / fan_out) ** 0.5, generator=g)
+                conv.weight[bad] = fresh[bad]
+            bn.weight[bad] = 1.0
+            bn.bias[bad] = 0.0
+            bn.running_mean[bad] = 0.0
+            bn.running_var[bad] = 1.0
+            grad_masks[f"{name}.weight"] = bad.float()
+            grad_masks[f"{name}.bias"] = bad.float()
+            if conv is not None:
+                cname = next(n for n, p in named_params.items() if p is conv.weight)
+                grad_masks[cname] = bad.float().view(-1, *([1] * (conv.weight.dim() - 1))).expand_as(conv.weight).clone()
+    # every other stage parameter (none in a ResNet stage, but be safe) is frozen
+    for pname in named_params:
+        if pname.endswith(".mask"):
+            continue
+        grad_masks.setdefault(pname, torch.zeros_like(named_params[pname]))
+    return grad_masks
+
+
+def untrusted_from_masks(masks: dict[str, Tensor], sigma: float) -> dict[str, Tensor]:
+    return {n: m < sigma for n, m in masks.items()}

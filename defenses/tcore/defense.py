@@ -1,0 +1,216 @@
+"""T-Core (Trusted Core Bootstrapping) — Zhang et al., "Secure Transfer Learning: Training Clean Models
+Against Backdoor in (Both) Pre-trained Encoders and Downstream Datasets", arXiv 2504.11990 (IEEE S&P 2025).
+
+Proactive: instead of hunting for poison, find what is clean — a seed of data, then a clean subset, then the
+encoder channels clean data needs — and grow a model from it. Four phases (../shared/TCORE.md):
+
+  1 TIS            seed S: majority + consistency rules over several layers' representations
+  2 expansion      D_sub: confusion training grows S to about half of D
+  3 channel filter trusted channels chi vs untrusted psi of the trainable encoder part
+  4 bootstrapping  re-initialise psi, freeze chi, train (phi, psi) on a pool grown from D_sub to rho |D|
+
+The trainable part of the encoder is its last stage (the transfer-learning budget: "the head, or a part of
+the encoder"); everything below it is frozen and its activations are computed once.
+The defense sees the encoder and the labelled training set only: never `poison_idx`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext, to_float
+
+from .bootstrap import Trainer, bootstrap
+from .channels import Tail, recover_masks, reinit_untrusted, unlearn, unmask, untrusted_from_masks
+from .confusion import expand_seed
+from .sifting import sift
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def stage_representations(encoder, x: Tensor, ctx: RunContext, start: int, batch: int = 512) -> tuple[list[Tensor], Tensor]:
+    """Pooled output of every stage (for TIS) and the activation entering stage `start` (for training)."""
+    encoder.eval().to(ctx.device)
+    pooled: list[list[Tensor]] = []
+    acts = []
+    for i in range(0, len(x), batch):
+        h = encoder.normalize(to_float(x[i : i + batch]).to(ctx.device))
+        outs = []
+        for j, stage in enumerate(encoder.stages):
+            if j == start:
+                acts.append(h.cpu())
+            h = stage(h)
+            outs.append(encoder.pool(h).cpu())
+        if start >= len(encoder.stages):
+            acts.append(encoder.pool(h).cpu())
+        pooled.append(outs)
+    layers = [torch.cat([p[j] for p in pooled]) for j in range(len(encoder.stages))]
+    return layers, torch.cat(acts)
+
+
+class TCore(Defense):
+    name = "tcore"
+    knowledge = Knowledge(clean_fraction=0.0, trains_encoder=True)
+
+    def __init__(
+        self,
+        # ablation switches
+        tis: bool = True,
+        expansion: bool = True,
+        channel_filter: bool = True,
+        bootstrap: bool = True,
+        train_encoder: bool = True,
+        # phase 1: topological invariance sifting
+        tis_layers: tuple[int, ...] = (-3, -2, -1),
+        tis_logits: bool = True,
+        ref_epochs: int = 10,
+        alpha: float = 0.02,
+        k: int = 10,
+        eps_quantile: float = 0.9,
+        min_samples: int = 5,
+        # phase 2: seed expansion
+        lam: float = 20.0,
+        expansion_fractions: tuple[float, ...] = (0.15, 0.3, 0.45),
+        confusion_epochs: int = 10,
+        confusion_layers: tuple[int, ...] = (-2, -1),
+        # phase 3: channel filtering
+        fit_epochs: int = 10,
+        unlearn_threshold: float = 0.2,
+        unlearn_lr: float = 0.01,
+        recover_epochs: int = 10,
+        recover_lr: float = 0.1,
+        mask_l1: float = 1e-3,
+        sigma: float = 0.6,
+        # phase 4: bootstrapping
+        rho: float = 0.8,
+        loss_guided_steps: int = 2,
+        meta_guided_steps: int = 2,
+        epochs_per_step: int = 5,
+        meta_epochs: int = 1,
+        final_epochs: int = 10,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        weight_decay: float = 5e-4,
+    ) -> None:
+        super().__init__()
+        for name, v in (("alpha", alpha), ("rho", rho), ("sigma", sigma), ("unlearn_threshold", unlearn_threshold)):
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"defense.{name}={v} must lie in (0, 1]")
+        if any(not 0.0 < f <= 1.0 for f in expansion_fractions):
+            raise ValueError("defense.expansion_fractions must lie in (0, 1]")
+        self.cfg = {k_: v for k_, v in locals().items() if k_ not in ("self", "__class__")}
+        for key, value in self.cfg.items():
+            setattr(self, key, value)
+
+    # ------------------------------------------------------------------ the four phases
+    def train(self, encoder, train: LabeledSet, probe, ctx: RunContext) -> Model:
+        g = ctx.generator(salt=4242)
+        torch.manual_seed(ctx.seed)
+        t: dict[str, float] = {}
+        y, n, c = train.y, len(train), ctx.num_classes
+        n_stages = len(encoder.stages)
+        start = n_stages - 1 if (self.train_encoder and n_stages > 1) else n_stages
+        t0 = time.perf_counter()
+        layers, acts = stage_representations(encoder, train.x, ctx, start)
+        feats = layers[-1]
+        t["represent"] = time.perf_counter() - t0
+
+        # ---- phase 1: seed
+        t0 = time.perf_counter()
+        if self.tis:
+            tis_feats = [layers[i] for i in self.tis_layers]
+            if self.tis_logits:
+                tis_feats.append(self._reference_logits(feats, y, c, g))
+            res = sift(tis_feats, y, self.alpha, self.k, self.eps_quantile, self.min_samples)
+            seed = res.seed_idx
+            self.decisions["tis_majority_idx"] = res.majority_idx
+        else:
+            seed = self._random_per_class(y, self.alpha, g)
+        self.decisions["seed_idx"] = seed
+        t["tis"] = time.perf_counter() - t0
+
+        # ---- phase 2: clean subset
+        t0 = time.perf_counter()
+        subset = seed
+        if self.expansion:
+            cfeats = torch.cat([layers[i] for i in self.confusion_layers], dim=1)
+            exp = expand_seed(cfeats, y, seed, c, g, tuple(self.expansion_fractions), lam=self.lam,
+                              epochs=self.confusion_epochs, batch_size=256)
+            subset = exp.subset_idx
+            for r, idx in enumerate(exp.rounds):
+                self.decisions[f"subset_round{r + 1}_idx"] = idx
+        self.decisions["subset_idx"] = subset
+        t["expansion"] = time.perf_counter() - t0
+
+        # ---- phase 3: trusted channels
+        t0 = time.perf_counter()
+        stages = list(encoder.stages[start:])
+        trainer_all = Trainer(None, self.lr, self.batch_size, self.weight_decay)
+        grad_masks = None
+        tail = Tail(stages, encoder.feat_dim, c)
+        if self.channel_filter and stages:
+            fitted = Tail(stages, encoder.feat_dim, c)
+            trainer_all.train(fitted, acts, y, self.fit_epochs, g)  # the model D would give: backdoor included
+            info = unlearn(fitted, acts, y, g, self.unlearn_threshold, self.unlearn_lr, self.batch_size)
+            masks = recover_masks(fitted, acts[subset], y[subset], g, self.recover_epochs, self.recover_lr, self.mask_l1)
+            untrusted = untrusted_from_masks(masks, self.sigma)
+            grad_masks = reinit_untrusted(tail, untrusted, g)
+            n_un = int(sum(int(u.sum()) for u in untrusted.values()))
+            self.diagnostics.update({"tcore/untrusted_channels": n_un, "tcore/channels": tail.n_channels(), **{
+                f"tcore/{k_}": v for k_, v in info.items()}})
+            self.diagnostics["tcore/mask_mean"] = float(torch.cat(list(masks.values())).mean())
+        t["channel_filter"] = time.perf_counter() - t0
+
+        # ---- phase 4: bootstrapping
+        t0 = time.perf_counter()
+        trainer = Trainer(grad_masks, self.lr, self.batch_size, self.weight_decay)
+        train_stages = bool(stages)
+        if self.bootstrap:
+            res = bootstrap(tail, acts, y, subset, trainer, g, self.rho, self.loss_guided_steps, self.meta_guided_steps,
+                            self.epochs_per_step, self.meta_epochs, self.final_epochs, train_stages)
+            pool = res.pool_idx
+            for i, step in enumerate(res.steps):
+                self.decisions[f"pool_step{i + 1}_{step['kind']}_idx"] = step["pool"]
+        else:
+            pool = subset
+            trainer.train(tail, acts[pool], y[pool], self.final_epochs, g, train_stages)
+        self.decisions["kept_idx"] = pool
+        t["bootstrap"] = time.perf_counter() - t0
+        self.diagnostics.update({f"time/tcore_{k_}": round(v, 3) for k_, v in t.items()})
+
+        final = copy.deepcopy(encoder)
+        for i, stage in enumerate(tail.stages):
+            final.stages[start + i] = unmask(stage)
+        return Model(final, tail.head).eval()
+
+    # ------------------------------------------------------------------ helpers
+    def _reference_logits(self, feats: Tensor, y: Tensor, c: int, g: torch.Generator) -> Tensor:
+        """Phase 1's reference model: a linear head on the frozen encoder, trained briefly on all of D."""
+        f = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
+        head = torch.nn.Linear(f.shape[1], c)
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+        for _ in range(self.ref_epochs):
+            perm = torch.randperm(len(y), generator=g)
+            for s in range(0, len(y), 256):
+                b = perm[s : s + 256]
+                loss = F.cross_entropy(head(f[b]), y[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            return head(f)
+
+    @staticmethod
+    def _random_per_class(y: Tensor, frac: float, g: torch.Generator) -> Tensor:
+        out = []
+        for cls in torch.unique(y):
+            idx = torch.nonzero(y == cls).squeeze(1)
+            out.append(idx[torch.randperm(len(idx), generator=g)[: max(2, int(round(frac * len(idx))))]])
+        return torch.cat(out).sort().values

@@ -1,0 +1,153 @@
+"""T-Core's phases on constructed problems where the right answer is known."""
+
+from __future__ import annotations
+
+import torch
+
+from securetl.defenses.tcore.bootstrap import Trainer, bootstrap
+from securetl.defenses.tcore.channels import MaskedBN, Tail, recover_masks, reinit_untrusted, unmask
+from securetl.defenses.tcore.confusion import confusion_losses
+from securetl.defenses.tcore.sifting import sift
+from securetl.encoders.resnet import cifar_resnet18
+from securetl.interfaces import Defense, LabeledSet
+from securetl.pipeline import run
+
+
+def blobs(n_per_class=60, n_classes=3, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, dim, generator=g) * 4
+    y = torch.arange(n_classes).repeat_interleave(n_per_class)
+    x = centres[y] + 0.3 * torch.randn(len(y), dim, generator=g)
+    return x, y, g
+
+
+def test_tis_keeps_clean_and_drops_an_off_cluster_minority():
+    x, y, g = blobs()
+    # plant a minority inside class 0 that sits far from class 0's cluster, in every layer
+    planted = torch.arange(0, 8)
+    x[planted] = torch.randn(8, x.shape[1], generator=g) * 0.3 + 12.0
+    layers = [x, x @ torch.randn(8, 8, generator=g), torch.tanh(x)]
+    res = sift(layers, y, alpha=0.2, k=5, eps_quantile=0.9, min_samples=4)
+    assert len(res.seed_idx) == 3 * round(0.2 * 60)
+    assert not set(planted.tolist()) & set(res.seed_idx.tolist())
+    assert not set(planted.tolist()) & set(res.majority_idx.tolist())
+    # most clean samples pass the majority rule
+    assert len(res.majority_idx) >= 0.6 * (len(y) - 8)
+
+
+def test_confusion_training_ranks_shortcut_samples_lowest_loss():
+    g = torch.Generator().manual_seed(0)
+    n, c, d = 600, 4, 16
+    y_true = torch.randint(0, c, (n,), generator=g)
+    y_true[:40] = torch.randint(1, c, (40,), generator=g)  # poisons come from non-target classes
+    x = torch.randn(n, d, generator=g)
+    x[:, :c] += 1.5 * torch.nn.functional.one_hot(y_true, c).float()  # weak semantic signal
+    poison = torch.arange(0, 40)
+    x[poison, -1] = 8.0  # a strong shortcut feature ...
+    y = y_true.clone()
+    y[poison] = 0  # ... with a flipped label
+    clean = torch.arange(40, n)
+    trusted = clean[torch.randperm(len(clean), generator=g)[:30]]
+    loss = confusion_losses(x, y, trusted, c, g, lam=20.0, epochs=30, lr=1e-2, batch_size=64, hidden=64)
+    lowest = set(torch.argsort(loss)[:40].tolist())
+    assert len(lowest & set(poison.tolist())) >= 30  # poisons keep a low loss; clean samples are confused
+    assert loss[poison].mean() < loss[clean].mean()
+
+
+def _tail(width=4, classes=3):
+    enc = cifar_resnet18(width)
+    return enc, Tail([enc.stages[-1]], enc.feat_dim, classes)
+
+
+def test_masks_stay_in_unit_interval_and_reinit_touches_only_untrusted():
+    g = torch.Generator().manual_seed(0)
+    enc, tail = _tail()
+    acts = torch.randn(64, 16, 8, 8, generator=g)
+    y = torch.randint(0, 3, (64,), generator=g)
+    masks = recover_masks(tail, acts, y, g, epochs=3, lr=1.0, l1=0.05, batch_size=16)
+    for m in masks.values():
+        assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0
+    before = {k: v.clone() for k, v in tail.stages.state_dict().items()}
+    untrusted = {n: torch.arange(len(m)) % 3 == 0 for n, m in masks.items()}
+    grad_masks = reinit_untrusted(tail, untrusted, g)
+    after = tail.stages.state_dict()
+    touched_any = False
+    for name, bn in tail.bns():
+        bad = untrusted[name]
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            full = f"{name}.{key}"
+            assert torch.equal(after[full][~bad], before[full][~bad]), f"{full} changed a trusted channel"
+        assert torch.equal(grad_masks[f"{name}.weight"], bad.float())
+    for pname, gm in grad_masks.items():
+        if pname.endswith("conv1.weight") or pname.endswith("conv2.weight"):
+            rows_changed = (after[pname] != before[pname]).flatten(1).any(1)
+            assert not rows_changed[gm.flatten(1)[:, 0] == 0].any()
+            touched_any |= bool(rows_changed.any())
+    assert touched_any
+
+
+def test_unmask_folds_masks_into_plain_batchnorm():
+    _, tail = _tail()
+    x = torch.randn(5, 16, 8, 8)
+    for _, bn in tail.bns():
+        bn.mask.data.uniform_(0, 1)
+    tail.eval()
+    want = tail.features(x)
+    stage = unmask(tail.stages[0])
+    assert not any(isinstance(m, MaskedBN) for m in stage.modules())
+    h = stage(x)
+    assert torch.allclose(h.mean(dim=(2, 3)), want, atol=1e-5)
+
+
+def test_bootstrap_pool_grows_monotonically_to_rho_n():
+    g = torch.Generator().manual_seed(0)
+    enc, tail = _tail()
+    n = 120
+    acts = torch.randn(n, 16, 8, 8, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    start = torch.arange(0, 40)
+    res = bootstrap(tail, acts, y, start, Trainer(None, 1e-3, 32), g, rho=0.8, loss_guided_steps=2,
+                    meta_guided_steps=2, epochs_per_step=1, meta_epochs=1, final_epochs=1)
+    sizes = [40] + [len(s["pool"]) for s in res.steps]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    assert len(res.pool_idx) == round(0.8 * n)
+    assert set(start.tolist()) <= set(res.pool_idx.tolist())
+    assert [s["kind"] for s in res.steps] == ["loss", "loss", "meta", "meta"]
+
+
+class Spy(Defense):
+    """Records what the pipeline hands a defense."""
+
+    seen: list = []
+
+    def train(self, encoder, train, probe, ctx):
+        Spy.seen.append(train)
+        return super().train(encoder, train, probe, ctx)
+
+
+def test_defense_never_receives_poison_idx(compose_cfg, monkeypatch):
+    import securetl.pipeline as pipeline
+
+    real_build = pipeline.build
+
+    def build(node, **kw):
+        return Spy() if str(node.get("_target_", "")).endswith("NoDefense") else real_build(node, **kw)
+
+    monkeypatch.setattr(pipeline, "build", build)
+    Spy.seen.clear()
+    run(compose_cfg(["data_attack=badnets"]))
+    (seen,) = Spy.seen
+    assert type(seen) is LabeledSet
+    assert not hasattr(seen, "poison_idx") and not hasattr(seen, "cover_idx")
+
+
+def test_tcore_runs_end_to_end_and_reports_diagnostics(compose_cfg):
+    row = run(compose_cfg([
+        "defense=tcore", "data_attack=badnets", "defense.fit_epochs=1", "defense.recover_epochs=1",
+        "defense.epochs_per_step=1", "defense.final_epochs=1", "defense.confusion_epochs=2", "defense.ref_epochs=2",
+    ]))
+    d = row["diagnostics"]
+    for key in ("seed/size", "seed/n_poison", "subset/purity", "kept/size", "tcore/untrusted_channels",
+                "time/tcore_tis", "time/tcore_bootstrap", "subset_round1/purity", "pool_step1_loss/purity"):
+        assert key in d, key
+    assert d["kept/size"] == round(0.8 * 300)
