@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export SECURETL_CACHE_DIR ?= $(CURDIR)/.cache/securetl
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint format bench clean
+.PHONY: help install demo test test-all lint format bench data-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ format: $(STAMP)  ## apply ruff format and fixes
 
 bench: $(STAMP)  ## speed benchmarks (ratios, measured in one process)
 	$(BIN)/python scripts/bench.py
+
+data-check: $(STAMP)  ## report which real datasets are in $$SECURETL_DATA_DIR (default ./data) and their layouts
+	$(BIN)/python scripts/prepare_data.py
 
 clean:  ## remove caches, run outputs and raw results (keeps committed tables)
 	rm -rf .cache outputs multirun results/raw .pytest_cache .ruff_cache wandb

@@ -7,6 +7,7 @@ from typing import Any
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from securetl.validate import ConfigError
 
@@ -19,8 +20,13 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
     """
     try:
         return instantiate(node, _convert_="all", **kwargs)
+    except MissingMandatoryValue as e:  # a `???` in a YAML the user has to fill in
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key} must be set (e.g. {key}=VALUE on the command line)") from e
     except InstantiationException as e:
         cause = e.__cause__ or e
+        if isinstance(cause, ConfigError):  # already a complete user-facing message
+            raise ConfigError(str(cause)) from cause
         target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
         msg = str(cause) if isinstance(cause, ValueError | TypeError | FileNotFoundError) else str(e)
         raise ConfigError(f"{msg}  [while building {target}]") from cause

@@ -20,17 +20,28 @@ log = logging.getLogger(__name__)
 
 # Keys that change where or how a run is reported, not what it computes: they stay out of run_id.
 NON_SEMANTIC_KEYS = ("paths", "logger", "resume", "device", "progress", "cache", "report", "hydra")
+# Nested keys of the same kind: where the data live (`dataset.root` defaults to ${paths.data_dir}).
+NON_SEMANTIC_LEAVES = ("dataset.root",)
 GROUPS = ("dataset", "encoder", "encoder_attack", "data_attack", "defense", "probe")
 
 
 def resolved(cfg: DictConfig, drop: tuple[str, ...] = ("hydra",)) -> dict[str, Any]:
-    """The resolved config as plain data, without the `hydra` node (present when tests compose with it)."""
-    keep = [k for k in cfg.keys() if k not in drop]
-    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keep), resolve=True)
+    """The resolved config as plain data, without the `hydra` node (present when tests compose with it)
+    and the `drop` keys. Dropped after resolving, so that e.g. `dataset.root: ${paths.data_dir}` resolves."""
+    keep = [k for k in cfg.keys() if k != "hydra"]
+    out = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keep), resolve=True)
+    for k in drop:
+        out.pop(k, None)
+    return out
 
 
 def run_id(cfg: DictConfig) -> str:
-    return config_hash("run", resolved(cfg, NON_SEMANTIC_KEYS))
+    r = resolved(cfg, NON_SEMANTIC_KEYS)
+    for dotted in NON_SEMANTIC_LEAVES:
+        parent, _, leaf = dotted.rpartition(".")
+        if isinstance(r.get(parent), dict):
+            r[parent].pop(leaf, None)
+    return config_hash("run", r)
 
 
 def choices_of(cfg: DictConfig) -> dict[str, str]:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from securetl.cache import Cache, config_hash
+from securetl.encoders.checkpoint import file_digest, load_checkpoint
 from securetl.encoders.resnet import Encoder, build_encoder
 from securetl.interfaces import EncoderAttack, LabeledSet, RunContext
 from securetl.ssl.trainer import pretrain
@@ -42,6 +42,11 @@ class EncoderSpec:
     method: dict[str, Any] = field(default_factory=dict)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    checkpoint_prefix: str | None = None  # where the encoder sits in the file; None = detect
+    # Input normalisation the weights expect (None = the architecture's default): a released checkpoint
+    # must see inputs normalised as in its authors' code.
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
     def __post_init__(self) -> None:
         for k in ("augment", "method", "timm_kwargs"):
@@ -49,38 +54,26 @@ class EncoderSpec:
             setattr(self, k, dict(v) if v is not None else {})
         if self.epochs < 0 or self.batch_size < 2:
             raise ValueError("encoder.epochs must be >= 0 and encoder.batch_size >= 2")
+        for k in ("mean", "std"):
+            v = getattr(self, k)
+            if v is not None:
+                v = [float(a) for a in v]
+                if len(v) != 3 or (k == "std" and min(v) <= 0):
+                    raise ValueError(f"encoder.{k} must be 3 numbers (per RGB channel){', all > 0' if k == 'std' else ''}, got {v}")
+                setattr(self, k, v)
 
     def build(self) -> Encoder:
-        return build_encoder(self.arch, self.width, **self.timm_kwargs)
+        enc = build_encoder(self.arch, self.width, **self.timm_kwargs)
+        if self.mean is not None:
+            enc.mean.copy_(torch.tensor(self.mean).view(1, 3, 1, 1))
+        if self.std is not None:
+            enc.std.copy_(torch.tensor(self.std).view(1, 3, 1, 1))
+        return enc
 
 
 def digest(t: torch.Tensor) -> str:
     """Content hash of a tensor (the pre-training images), so the key follows the data, not its config."""
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def load_checkpoint(encoder: Encoder, path: str) -> None:
-    """Load weights without ever executing pickled code (safetensors, or torch.load(weights_only=True))."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"encoder.checkpoint={path} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(p))
-    else:
-        try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 — re-raised with the reason a user needs
-            raise ValueError(
-                f"refusing to load {p}: it is not a plain tensor state dict ({type(e).__name__}: {e}). "
-                "securetl never unpickles arbitrary objects; convert it to safetensors or a plain state dict"
-            ) from e
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {p} does not fit encoder: missing keys {missing[:8]}, unexpected {unexpected[:8]}")
 
 
 def obtain(
@@ -96,8 +89,11 @@ def obtain(
     keys: dict[str, str] = {}
     encoder = spec.build()
     if spec.checkpoint:
-        load_checkpoint(encoder, spec.checkpoint)
-        keys["encoder"] = "checkpoint:" + spec.checkpoint
+        load_checkpoint(encoder, spec.checkpoint, spec.checkpoint_prefix)
+        # keyed by the file's content and the settings that shape the encoder, not by the path
+        shape = {k: v for k, v in asdict(spec).items() if k in ("arch", "width", "timm_kwargs", "mean", "std")}
+        keys["encoder"] = config_hash("checkpoint", file_digest(spec.checkpoint), shape)
+        keys["checkpoint"] = str(spec.checkpoint)
     else:
         if pretrain_set is None:
             raise ValueError("this dataset has no pre-training split; set encoder.checkpoint=PATH")
