@@ -1,13 +1,14 @@
 """The embedded default dataset: procedurally drawn shapes, generated in a few seconds, nothing downloaded.
 
-Class = shape (10 of them). Every other factor is a nuisance drawn per image: foreground colour, scale,
+Class = shape + a class-specific fill texture (10 classes). Every other factor is a nuisance drawn per image: foreground colour, scale,
 rotation, position, background texture (domain-specific), a smaller distractor shape of a random class,
 occasional low contrast, and pixel noise. Two domains share the classes but not the background style, so
 an encoder pre-trained on domain "pretrain" is transferred to domain "downstream" as in real TL
 (pre-train on CIFAR-10, fine-tune on STL-10/GTSRB, ...).
 
-Colours are drawn uniformly (white and black included), so a small black/white patch is not separable
-from the objects by colour alone.
+Colours come from a small seeded palette that always holds black and white, so a black/white patch is not
+separable from the objects by colour alone, and colour does not identify an image (which would let
+contrastive pre-training learn colour histograms instead of objects).
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ CLASS_NAMES = [
 ]
 
 DOMAINS = ("pretrain", "downstream")
+
+
+def make_palette(k: int, seed: int) -> Tensor:
+    """`k` colours shared by both domains (black and white always among them). A small palette keeps colour
+    from identifying an image: contrastive SSL would otherwise learn colour histograms, not objects."""
+    g = torch.Generator().manual_seed(10_007 + seed)
+    base = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    return torch.cat([base, torch.rand(max(0, k - 2), 3, generator=g)])[:k]
+
+
+def _pick(palette: Tensor, n: int, g: torch.Generator, jitter: float = 0.06) -> Tensor:
+    c = palette[torch.randint(0, len(palette), (n,), generator=g)]
+    return (c + jitter * (torch.rand(n, 3, generator=g) * 2 - 1)).clamp(0, 1).view(n, 3, 1, 1)
 
 
 def _shape_sdf(cls: Tensor, u: Tensor, v: Tensor, r: Tensor) -> Tensor:
@@ -71,36 +85,31 @@ def _shape_sdf(cls: Tensor, u: Tensor, v: Tensor, r: Tensor) -> Tensor:
 
 
 def _fill_pattern(cls: Tensor, size: int, cx: Tensor, cy: Tensor) -> Tensor:
-    """Class-specific fill texture in [0, 1], (N, 1, H, W): stripes of several orientations and periods,
-    a checkerboard, dots, rings, or none. Shape and fill are two cues that agree, like parts and texture
-    of a real object class."""
-    ii, jj = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
-    ii, jj = ii[None], jj[None]
-    two_pi = 2 * math.pi
-    pats = {
-        0: torch.sin(two_pi * ii / 4),
-        1: torch.sin(two_pi * jj / 4),
-        2: torch.sin(two_pi * (ii + jj) / 5.6),
-        3: torch.sin(two_pi * (ii - jj) / 5.6),
-        4: torch.sin(two_pi * ii / 8),
-        5: torch.sin(two_pi * jj / 8),
-        6: torch.sin(two_pi * ii / 6) * torch.sin(two_pi * jj / 6),
-        7: torch.cos(two_pi * ii / 4) + torch.cos(two_pi * jj / 4) - 1,
-        8: None,
-        9: torch.zeros(1, size, size),
-    }
-    out = torch.zeros(len(cls), size, size)
+    """Class-specific fill texture in [0, 1], (N, 1, H, W). The patterns differ in kind and orientation,
+    not in period, so that the crops and rescaling of SSL augmentation do not turn one into another.
+    Shape and fill are two cues that agree, like the parts and texture of a real object class."""
     lin = torch.linspace(-1, 1, size)
-    for c, pat in pats.items():
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    px = 2 * math.pi * size / 2 / 5.0  # ~5-pixel period
+    out = torch.zeros(len(cls), size, size)
+    for c in range(len(CLASS_NAMES)):
         m = cls == c
         if not m.any():
             continue
-        if c == 8:  # rings around the object's own centre
-            yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-            r = torch.sqrt((xx[None] - cx[m]) ** 2 + (yy[None] - cy[m]) ** 2) * size / 2
-            out[m] = torch.sin(two_pi * r / 4)
-        else:
-            out[m] = pat.expand(int(m.sum()), size, size)
+        u, v = xx[None] - cx[m], yy[None] - cy[m]
+        pats = {
+            0: torch.sin(px * v),  # horizontal stripes
+            1: torch.sin(px * u),  # vertical stripes
+            2: torch.sin(px * (u + v) / math.sqrt(2)),  # diagonal stripes
+            3: torch.sin(px * (u - v) / math.sqrt(2)),  # anti-diagonal stripes
+            4: torch.sign(torch.sin(px * u) * torch.sin(px * v)),  # checkerboard
+            5: (torch.cos(px * u) + torch.cos(px * v)) - 1.0,  # dots
+            6: torch.sin(px * torch.sqrt(u**2 + v**2)),  # concentric rings
+            7: torch.ones_like(u) * -1.0,  # plain
+            8: torch.sin(6 * torch.atan2(v, u)),  # radial spokes
+            9: torch.maximum(torch.cos(px * u), torch.cos(px * v)) * 2 - 1,  # grid lines
+        }
+        out[m] = pats[c]
     return (out.clamp(-1, 1) * 0.5 + 0.5).unsqueeze(1)
 
 
@@ -124,26 +133,23 @@ def _draw_shapes(
     return torch.sigmoid(-sdf * size / 2.0).unsqueeze(1), cx, cy
 
 
-def _background(domain: str, n: int, size: int, g: torch.Generator, bg_contrast: float = 0.5) -> Tensor:
-    """Domain-specific texture between two random colours, (N, 3, H, W) in [0, 1]."""
+def _background(domain: str, n: int, size: int, g: torch.Generator, palette: Tensor, bg_contrast: float) -> Tensor:
+    """Domain-specific background between two palette colours, (N, 3, H, W) in [0, 1]."""
     lin = torch.linspace(0, 1, size)
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    c1 = torch.rand(n, 3, 1, 1, generator=g)
-    # the texture's second colour is a partial step from the first: visible texture, yet objects stand out
-    c2 = c1 + (torch.rand(n, 3, 1, 1, generator=g) - c1) * bg_contrast
+    c1 = _pick(palette, n, g)
+    # the second colour is a partial step from the first: visible texture, yet objects stand out
+    c2 = c1 + (_pick(palette, n, g) - c1) * bg_contrast
     if domain == "pretrain":
-        # smooth gradients plus oriented stripes: "outdoor-like" low-frequency backgrounds
-        ang = torch.rand(n, 1, 1, generator=g) * math.pi
-        freq = 2 + torch.rand(n, 1, 1, generator=g) * 6
-        phase = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
-        proj = xx[None] * torch.cos(ang) + yy[None] * torch.sin(ang)
-        t = 0.5 + 0.35 * torch.sin(2 * math.pi * freq * proj + phase) + 0.15 * (proj - 0.5)
+        # a smooth linear gradient in a random direction ("sky-like" backgrounds)
+        ang = (torch.rand(n, 1, 1, generator=g) * 2 * math.pi)
+        t = 0.5 + 0.5 * ((xx[None] - 0.5) * torch.cos(ang) + (yy[None] - 0.5) * torch.sin(ang)) * 1.4
     elif domain == "downstream":
         # blotchy cloud texture from upsampled noise: a different style from the pre-training domain
-        coarse = torch.rand(n, 1, 5, 5, generator=g)
-        fine = torch.rand(n, 1, 9, 9, generator=g)
-        t = 0.65 * torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)
-        t = t + 0.35 * torch.nn.functional.interpolate(fine, size=(size, size), mode="bilinear", align_corners=True)
+        coarse = torch.rand(n, 1, 4, 4, generator=g)
+        fine = torch.rand(n, 1, 8, 8, generator=g)
+        t = 0.7 * torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)
+        t = t + 0.3 * torch.nn.functional.interpolate(fine, size=(size, size), mode="bilinear", align_corners=True)
         t = t.squeeze(1)
     else:
         raise ValueError(f"unknown synthetic domain {domain!r}; choose from {DOMAINS}")
@@ -164,6 +170,8 @@ def generate(
     min_contrast: float = 0.35,
     bg_contrast: float = 0.5,
     pattern_strength: float = 0.8,
+    palette_size: int = 12,
+    palette_seed: int = 0,
 ) -> LabeledSet:
     """`n` labelled images of one domain. Balanced classes (n // num_classes each, remainder spread)."""
     if not 2 <= num_classes <= len(CLASS_NAMES):
@@ -171,17 +179,18 @@ def generate(
     g = torch.Generator().manual_seed(seed * 7919 + DOMAINS.index(domain) * 104729)
     y = torch.arange(n) % num_classes
     y = y[torch.randperm(n, generator=g)]
-    img = _background(domain, n, size, g, bg_contrast)
+    palette = make_palette(palette_size, palette_seed)
+    img = _background(domain, n, size, g, palette, bg_contrast)
 
     # distractor first, so the labelled object is drawn on top of it
     dcls = torch.randint(0, len(CLASS_NAMES), (n,), generator=g)
     dmask, _, _ = _draw_shapes(dcls, n, size, g, scale=(0.12, 0.25), spread=0.75)
     dmask = dmask * (torch.rand(n, 1, 1, 1, generator=g) < distractor_prob)
-    dcol = torch.rand(n, 3, 1, 1, generator=g)
+    dcol = _pick(palette, n, g)
     img = img * (1 - dmask) + dcol * dmask
 
     mask, cx, cy = _draw_shapes(y, n, size, g, scale=scale, spread=0.35)
-    fg = torch.rand(n, 3, 1, 1, generator=g)
+    fg = _pick(palette, n, g)
     bg_mean = img.mean(dim=(2, 3), keepdim=True)
     # keep the object visible: push its colour away from the background mean when they are too close
     gap = fg - bg_mean
@@ -191,8 +200,9 @@ def generate(
     low = torch.rand(n, 1, 1, 1, generator=g) < low_contrast_prob
     fg = torch.where(low, bg_mean + (fg - bg_mean) * 0.25, fg)
     # the fill mixes the object colour with a second colour in the class's pattern
-    fg2 = fg + (torch.rand(n, 3, 1, 1, generator=g) - fg) * pattern_strength
-    fill = fg * (1 - _fill_pattern(y, size, cx, cy)) + fg2 * _fill_pattern(y, size, cx, cy)
+    fg2 = fg + (_pick(palette, n, g) - fg) * pattern_strength
+    pat = _fill_pattern(y, size, cx, cy)
+    fill = fg * (1 - pat) + fg2 * pat
     img = img * (1 - mask) + fill * mask
 
     img = img + noise * torch.randn(img.shape, generator=g)
@@ -214,6 +224,7 @@ def build_synthetic(
     min_contrast: float = 0.35,
     bg_contrast: float = 0.5,
     pattern_strength: float = 0.8,
+    palette_size: int = 12,
     pretrain_domain: str = "pretrain",
     downstream_domain: str = "downstream",
 ) -> Splits:
@@ -228,6 +239,8 @@ def build_synthetic(
         min_contrast=min_contrast,
         bg_contrast=bg_contrast,
         pattern_strength=pattern_strength,
+        palette_size=palette_size,
+        palette_seed=seed,
     )
     # train and test of the same domain use disjoint seeds so they never share an image
     train = generate(n_train, downstream_domain, seed * 3 + 0, **kw)

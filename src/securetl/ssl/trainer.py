@@ -1,4 +1,8 @@
-"""One SSL training loop for every method: two augmented views per image, the method's loss, Adam."""
+"""One SSL training loop for every method: two augmented views per image, the method's loss, Adam.
+
+Methods with a momentum network (MoCo v2, BYOL) are told the run's length once (`method.begin`) and
+update that network after every optimiser step (`method.after_step`); nothing else differs per method.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ def pretrain(
     steps = max(1, n // batch_size)  # drop the last partial batch: BatchNorm and NT-Xent want full batches
     history = []
     method.train()
+    method.begin(epochs * steps)
     bar = tqdm(range(epochs), desc=f"{ssl} pre-training", disable=not ctx.progress, leave=False)
     for _ in bar:
         perm = torch.randperm(n, generator=g)
