@@ -10,7 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from conftest import CONF
 
-GROUPS = ["dataset", "encoder", "encoder_attack", "data_attack", "defense", "probe", "logger", "table"]
+GROUPS = ["dataset", "encoder", "encoder_attack", "data_attack", "defense", "probe", "logger", "table", "threat", "ablation"]
 
 
 def options(group: str) -> list[str]:

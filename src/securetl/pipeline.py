@@ -67,7 +67,7 @@ def set_seed(seed: int) -> None:
 def run(cfg: DictConfig, choices: dict[str, str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Execute one cell and return its row (also written to `${paths.results_dir}/raw/<run_id>.json`)."""
     choices = choices or results.choices_of(cfg)
-    run_id = results.run_id(cfg)
+    run_id = results.run_id(cfg, choices)
     raw_dir = Path(cfg.paths.results_dir) / "raw"
     if cfg.resume and (existing := results.load_row(raw_dir, run_id)) is not None:
         log.info("run %s already finished (resume=true): skipping", run_id)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 NON_SEMANTIC_KEYS = ("paths", "logger", "resume", "device", "progress", "cache", "report", "hydra")
 # Nested keys of the same kind: where the data live (`dataset.root` defaults to ${paths.data_dir}).
 NON_SEMANTIC_LEAVES = ("dataset.root",)
-GROUPS = ("dataset", "encoder", "encoder_attack", "data_attack", "defense", "probe")
+GROUPS = ("dataset", "encoder", "encoder_attack", "data_attack", "defense", "probe", "threat", "ablation")
 
 
 def resolved(cfg: DictConfig, drop: tuple[str, ...] = ("hydra",)) -> dict[str, Any]:
@@ -35,13 +35,15 @@ def resolved(cfg: DictConfig, drop: tuple[str, ...] = ("hydra",)) -> dict[str, A
     return out
 
 
-def run_id(cfg: DictConfig) -> str:
+def run_id(cfg: DictConfig, choices: dict[str, str] | None = None) -> str:
+    """Hash of the resolved config and the group choices (two presets that compose the same config still
+    get their own rows, so each table finds its cells)."""
     r = resolved(cfg, NON_SEMANTIC_KEYS)
     for dotted in NON_SEMANTIC_LEAVES:
         parent, _, leaf = dotted.rpartition(".")
         if isinstance(r.get(parent), dict):
             r[parent].pop(leaf, None)
-    return config_hash("run", r)
+    return config_hash("run", r, choices or {})
 
 
 def choices_of(cfg: DictConfig) -> dict[str, str]:

@@ -24,11 +24,11 @@ OmegaConf.register_new_resolver("uid", lambda: uuid.uuid4().hex[:6], use_cache=T
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="run")
 def app(cfg: DictConfig) -> float | None:
-    from securetl import pipeline  # imported here so `securetl --help` stays fast
+    from securetl import pipeline, results  # imported here so `securetl --help` stays fast
 
     hc = HydraConfig.get()
     try:
-        row = pipeline.run(cfg, choices={k: str(v) for k, v in hc.runtime.choices.items()},
+        row = pipeline.run(cfg, choices=results.choices_of(cfg),
                            overrides=list(hc.overrides.task))
     except ConfigError as e:
         log.error("%s", e)
