@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from securetl.attacks.encoder._common import embedding_gap
 from securetl.interfaces import EncoderAttack, LabeledSet, RunContext, Trigger, to_float
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ class BadEncoder(EncoderAttack):
             x = to_float(shadow_x[:256]).to(ctx.device)
             ctx.diagnostics["badencoder/shadow_bd_ref_cos"] = cos(bad(self.trigger.apply(x)), bad(ref).mean(0, keepdim=True)).mean().item()
             ctx.diagnostics["badencoder/shadow_clean_cos"] = cos(bad(x), clean(x)).mean().item()
+        # how separable triggered embeddings are from clean ones (compare with DRUPE's drupe/gap_*)
+        for k, v in embedding_gap(bad, shadow_x[:256], self.trigger, ctx.device).items():
+            ctx.diagnostics[f"badencoder/gap_{k}"] = v
         log.info("BadEncoder: triggered->reference cos %.3f, clean utility cos %.3f",
                  ctx.diagnostics["badencoder/shadow_bd_ref_cos"], ctx.diagnostics["badencoder/shadow_clean_cos"])
         return bad

@@ -1,0 +1,273 @@
+"""Encoder attacks: the poisoned pre-training sets have the stated size and composition, the triggers do
+what they claim, DRUPE implants a backdoor that keeps clean embeddings, and artifacts come from cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from securetl.attacks.encoder import drupe as drupe_mod
+from securetl.attacks.encoder._common import offdiag_mean_cos, sliced_wasserstein
+from securetl.attacks.encoder.badencoder import cos
+from securetl.attacks.encoder.corruptencoder import CorruptEncoder
+from securetl.attacks.encoder.ctrl import CTRL
+from securetl.attacks.encoder.drupe import DRUPE
+from securetl.attacks.encoder.sslbackdoor import SSLBackdoor
+from securetl.data.synthetic import build_synthetic
+from securetl.encoders import obtain as obtain_mod
+from securetl.encoders.resnet import build_encoder
+from securetl.interfaces import LabeledSet, RunContext, to_float
+from securetl.pipeline import run
+from securetl.triggers.frequency import FrequencyTrigger, block_dct, dct_matrix
+from securetl.triggers.patch import PatchTrigger
+from securetl.triggers.random_patch import RandomPatchTrigger
+
+TARGET = 3
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build_synthetic(n_train=10, n_test=10, n_pretrain=400, n_reference=40)
+
+
+def changed_rows(a: LabeledSet, b: LabeledSet) -> torch.Tensor:
+    return torch.nonzero((a.x != b.x).flatten(1).any(1)).squeeze(1)
+
+
+# --------------------------------------------------------------------------- triggers
+def test_dct_is_orthonormal_and_block_dct_inverts():
+    d = dct_matrix(8)
+    assert torch.allclose(d @ d.t(), torch.eye(8), atol=1e-6)
+    x = torch.rand(2, 3, 16, 32)
+    assert torch.allclose(block_dct(block_dct(x, 8), 8, inverse=True), x, atol=1e-5)
+
+
+def test_frequency_trigger_touches_only_its_chroma_coefficients():
+    x = 0.3 + 0.4 * torch.rand(4, 3, 32, 32)  # mid-range, so clamping does not interfere
+    t = FrequencyTrigger(window=16, channels=(1, 2), positions=((7, 7), (15, 15)), magnitude=30.0)
+    y = t.apply(x)
+    assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
+    assert torch.equal(t.apply(x), y)
+    to_c = lambda z: torch.einsum("ij,njhw->nihw", t.rgb2c, z * 255)  # noqa: E731
+    diff = block_dct(to_c(y), 16) - block_dct(to_c(x), 16)
+    expected = torch.zeros_like(diff)
+    for r in (0, 16):
+        for c in (0, 16):
+            for u, v in ((7, 7), (15, 15)):
+                expected[:, 1:, r + u, c + v] = 30.0
+    assert torch.allclose(diff, expected, atol=1e-2)  # luma and every other coefficient untouched
+    assert float((y - x).abs().max()) < 12 / 255  # invisible: a few grey levels
+
+
+def test_frequency_trigger_rejects_bad_settings():
+    with pytest.raises(ValueError, match="positions"):
+        FrequencyTrigger(window=8, positions=((8, 1),))
+    with pytest.raises(ValueError, match="color_space"):
+        FrequencyTrigger(color_space="lab")
+    with pytest.raises(ValueError, match="tiled"):
+        FrequencyTrigger(window=32).apply(torch.rand(1, 3, 24, 24))
+
+
+def test_random_patch_trigger_places_one_patch_per_image_inside_its_range():
+    x = torch.full((64, 3, 32, 32), 0.5)
+    t = RandomPatchTrigger(size=5, pattern="white", location_min=0.25, location_max=0.75, seed=1)
+    y = t.apply(x)
+    assert torch.equal(t.apply(x), y)
+    changed = (y != x).any(1)
+    assert (changed.flatten(1).sum(1) == 25).all()
+    rows, cols = changed.any(2), changed.any(1)
+    first_r, first_c = rows.float().argmax(1), cols.float().argmax(1)
+    assert first_r.min() >= 8 and first_r.max() + 5 <= 24 and first_c.min() >= 8 and first_c.max() + 5 <= 24
+    assert len(set(zip(first_r.tolist(), first_c.tolist()))) > 10  # places differ between images
+
+
+# --------------------------------------------------------------------------- pre-training-data attacks
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.05])
+def test_ctrl_poisons_ratio_of_whole_set_from_target_class_only(data, ratio):
+    attack = CTRL(FrequencyTrigger(), target=TARGET, poison_ratio=ratio)
+    out = attack.poison_pretraining(data.pretrain, torch.Generator().manual_seed(0))
+    n = len(data.pretrain)
+    assert len(out) == n and torch.equal(out.y, data.pretrain.y)
+    assert len(attack.poison_idx) == round(ratio * n)
+    assert (data.pretrain.y[attack.poison_idx] == TARGET).all()
+    assert torch.equal(changed_rows(out, data.pretrain), attack.poison_idx)  # exactly those, all of them
+
+
+def test_ctrl_refuses_more_poisons_than_target_images(data):
+    with pytest.raises(ValueError, match="poison_ratio"):
+        CTRL(FrequencyTrigger(), target=TARGET, poison_ratio=0.5).poison_pretraining(
+            data.pretrain, torch.Generator()
+        )
+
+
+def test_sslbackdoor_pastes_patch_on_target_category_within_train_range(data):
+    trig = RandomPatchTrigger(size=7, pattern="white", seed=10)
+    attack = SSLBackdoor(trig, target=TARGET, poison_ratio=0.05)
+    out = attack.poison_pretraining(data.pretrain, torch.Generator().manual_seed(0))
+    n = len(data.pretrain)
+    assert len(out) == n and torch.equal(out.y, data.pretrain.y)
+    assert len(attack.poison_idx) == round(0.05 * n)
+    assert (data.pretrain.y[attack.poison_idx] == TARGET).all()
+    assert set(changed_rows(out, data.pretrain).tolist()) <= set(attack.poison_idx.tolist())
+    # the white patch sits inside the central [0.25, 0.75] band of each side (pixels 8..23)
+    white = (out.x[attack.poison_idx] == 255).all(1)
+    for i in range(len(white)):
+        r, c = torch.nonzero(white[i], as_tuple=True)
+        inside = (r >= 8) & (r < 24) & (c >= 8) & (c < 24)
+        assert inside.sum() >= 49
+    with pytest.raises(ValueError, match="RandomPatchTrigger"):
+        SSLBackdoor(PatchTrigger(), target=TARGET)
+
+
+def test_corruptencoder_injects_composed_images(data):
+    trig = RandomPatchTrigger(size=6, pattern="white", seed=10)
+    attack = CorruptEncoder(trig, target=TARGET, poison_ratio=0.05, n_reference=3)
+    out = attack.poison_pretraining(data.pretrain, torch.Generator().manual_seed(0))
+    n, k = len(data.pretrain), round(0.05 * len(data.pretrain))
+    assert len(out) == n + k
+    # the originals are kept as they were
+    assert torch.equal(out.x[:n], data.pretrain.x) and torch.equal(out.y[:n], data.pretrain.y)
+    assert torch.equal(attack.poison_idx, torch.arange(n, n + k)) and (out.y[n:] == TARGET).all()
+    assert len(attack.reference_idx) == 3 and (data.pretrain.y[attack.reference_idx] == TARGET).all()
+    assert len(attack.background_idx) == k and (data.pretrain.y[attack.background_idx] != TARGET).all()
+    refs, w = data.pretrain.x[attack.reference_idx], 32
+    for j in range(k):
+        img, bg = out.x[n + j], data.pretrain.x[attack.background_idx[j]]
+        # a 16-px strip from the middle of a reference sits at the left or right border
+        strip_found = False
+        for o_x in list(range(0, 2)) + list(range(15, 17)):
+            strip = img[:, :, o_x : o_x + 16]
+            if any(torch.equal(strip, r[:, :, 8:24]) for r in refs):
+                strip_found = True
+                obj_cols = set(range(o_x, o_x + 16))
+        assert strip_found, f"poison {j}: no reference strip at a border"
+        # the trigger (6x6 white) lies on the other side, off the object
+        white = (img == 255).all(0)
+        r, c = torch.nonzero(white, as_tuple=True)
+        assert len(r) >= 36 and not set(c.tolist()) & obj_cols
+        # the rest is the background image
+        rest = torch.ones(w, w, dtype=torch.bool)
+        rest[:, sorted(obj_cols)] = False
+        rest[white] = False
+        assert torch.equal(img[:, rest], bg[:, rest])
+
+
+def test_pretrain_attacks_validate_target_against_classes():
+    for attack in (
+        CTRL(FrequencyTrigger(), target=12),
+        SSLBackdoor(RandomPatchTrigger(), target=12),
+        CorruptEncoder(RandomPatchTrigger(), target=12),
+    ):
+        assert attack.kind == "pretrain_data"
+        with pytest.raises(ValueError, match="target=12"):
+            attack.validate(10)
+    with pytest.raises(ValueError, match="poison_ratio"):
+        CTRL(FrequencyTrigger(), poison_ratio=1.5)
+
+
+# --------------------------------------------------------------------------- DRUPE
+def test_distribution_statistics():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 8, generator=g)
+    assert sliced_wasserstein(a, a.clone()).item() < 1e-3
+    assert sliced_wasserstein(a, a + 3.0).item() > 2.0
+    assert offdiag_mean_cos(torch.ones(5, 3)).item() == pytest.approx(1.0)
+    assert offdiag_mean_cos(torch.eye(4)).item() == pytest.approx(0.0)
+
+
+def test_drupe_implants_a_backdoor_and_keeps_clean_embeddings():
+    data = build_synthetic(n_train=10, n_test=10, n_pretrain=96, n_reference=40, size=16)
+    torch.manual_seed(0)
+    clean = build_encoder("cifar_resnet18", 4).eval()
+    trig = PatchTrigger(size=4, pattern="white", location="bottom_right", margin=1)
+    # an untrained encoder maps everything nearly onto one line, so pushing its references apart (DRUPE's
+    # warm-up) moves it a lot: a smaller step than the YAML's keeps this tiny case comparable to real use
+    attack = DRUPE(
+        trig,
+        target=TARGET,
+        shadow_fraction=1.0,
+        n_reference=3,
+        epochs=5,
+        batch_size=32,
+        lr=0.003,
+        warmup_epochs=1,
+        align_epochs=1,
+        adapt_after=3,
+    )
+    ctx = RunContext(torch.device("cpu"), 0, 10, progress=False)
+    shadow_x, ref_x = attack.shadow_and_reference(data.pretrain, data.reference)
+    x, ref = to_float(shadow_x), to_float(ref_x)
+    with torch.no_grad():
+        bd_ref_before = cos(clean(trig.apply(x)).unsqueeze(1), clean(ref).unsqueeze(0)).max(1).values.mean()
+        snapshot = {k: v.clone() for k, v in clean.state_dict().items()}
+    bad = attack.implant(copy.deepcopy(clean), data.pretrain, ctx, reference=data.reference)
+    assert any(not torch.equal(snapshot[k], v) for k, v in bad.state_dict().items())
+    with torch.no_grad():
+        clean_cos = cos(bad(x), clean(x)).mean()
+        bd_ref_after = cos(bad(trig.apply(x)).unsqueeze(1), bad(ref).unsqueeze(0)).max(1).values.mean()
+    assert clean_cos >= 0.75, clean_cos  # utility: clean inputs keep (most of) their embedding
+    assert bd_ref_after > bd_ref_before + 0.02 and bd_ref_after > 0.9  # effectiveness
+    for k in (
+        "drupe/shadow_bd_ref_cos",
+        "drupe/gap_swd",
+        "drupe/gap_poison_concentration",
+        "drupe/distribution_weight",
+    ):
+        assert k in ctx.diagnostics
+
+
+def test_drupe_stealth_weights_follow_the_backdoor():
+    attack = DRUPE(PatchTrigger(), concentration_weight=0.1, distribution_weight=0.01)
+    w = {"concentration": 0.1, "distribution": 0.01}
+    good = {"effect": -0.99, "keep_ref": -0.95, "utility": -0.95, "concentration": 0.55}
+    attack.adapt(good, w)
+    assert w["concentration"] == pytest.approx(0.125) and w["distribution"] == pytest.approx(0.0125)
+    attack.adapt(dict(good, effect=-0.5), w)  # the backdoor slipped: both weights back off
+    assert w["concentration"] == pytest.approx(0.125 / 1.25**1.25) and w["distribution"] == pytest.approx(
+        0.0125 / 1.25**1.25
+    )
+    assert attack.concentration_weight == 0.1  # the configured start is not mutated
+
+
+# --------------------------------------------------------------------------- pipeline + cache
+FAST = ["dataset.size=16", "dataset.n_pretrain=128", "encoder.batch_size=32"]
+
+
+def _forbid(monkeypatch, obj, name):
+    def boom(*a, **k):
+        raise AssertionError(f"{name} ran although its artifact is cached")
+
+    monkeypatch.setattr(obj, name, boom)
+
+
+def test_drupe_artifact_is_reused_from_cache(compose_cfg, monkeypatch):
+    over = FAST + [
+        "encoder_attack=drupe",
+        "encoder_attack.epochs=2",
+        "encoder_attack.batch_size=32",
+        "encoder_attack.trigger.size=4",
+        f"encoder_attack.target={TARGET}",
+    ]
+    first = run(compose_cfg(over))
+    assert "implanted" in first["cache_keys"] and "drupe/gap_swd" in first["diagnostics"]
+    _forbid(monkeypatch, drupe_mod.DRUPE, "implant")
+    _forbid(monkeypatch, obtain_mod, "pretrain")
+    second = run(compose_cfg(over + ["seed=1"]))  # another run id, same encoder artifacts
+    assert second["cache_keys"] == first["cache_keys"]
+
+
+def test_pretraining_attack_gets_its_own_cached_encoder(compose_cfg, monkeypatch):
+    over = FAST + [
+        "encoder_attack=sslbackdoor",
+        "encoder_attack.trigger.size=4",
+        f"encoder_attack.target={TARGET}",
+    ]
+    first = run(compose_cfg(over))
+    clean_key = run(compose_cfg(FAST))["cache_keys"]["encoder"]
+    assert first["cache_keys"]["encoder"] != clean_key  # poisoned pre-training is another artifact
+    _forbid(monkeypatch, SSLBackdoor, "poison_pretraining")
+    _forbid(monkeypatch, obtain_mod, "pretrain")
+    second = run(compose_cfg(over + ["seed=1"]))
+    assert second["cache_keys"] == first["cache_keys"]
