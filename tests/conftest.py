@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+
+# The tests' tensors are tiny: one thread avoids OpenMP spin-wait overhead, which on a 2-core machine
+# shared with anything else makes small-op training many times slower.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -23,6 +23,7 @@ def cli(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedP
 def env(tmp_path):
     e = dict(os.environ)
     e["SECURETL_ROOT"] = str(tmp_path)
+    e["OMP_NUM_THREADS"] = "1"
     return e
 
 

@@ -45,6 +45,8 @@ class Tail(nn.Module):
         self.stages = nn.ModuleList(copy.deepcopy(stages))
         for stage in self.stages:
             _swap_bn(stage)
+        for name, p in self.stages.named_parameters():
+            p.requires_grad_(not name.endswith(".mask"))  # the encoder arrives frozen
         self.head = nn.Linear(feat_dim, num_classes)
 
     def features(self, h: Tensor) -> Tensor:
@@ -121,8 +123,8 @@ def unlearn(tail: Tail, acts: Tensor, y: Tensor, g: torch.Generator, threshold: 
         steps += 1
         if steps % check_every == 0:
             acc = accuracy(tail, acts[probe_idx], y[probe_idx])
-    for p in tail.parameters():
-        p.requires_grad_(True)
+    for name, p in tail.named_parameters():
+        p.requires_grad_(not name.endswith(".mask"))
     return {"unlearn_steps": steps, "unlearn_acc": acc}
 
 

@@ -9,8 +9,9 @@ encoder channels clean data needs — and grow a model from it. Four phases (../
   3 channel filter trusted channels chi vs untrusted psi of the trainable encoder part
   4 bootstrapping  re-initialise psi, freeze chi, train (phi, psi) on a pool grown from D_sub to rho |D|
 
-The trainable part of the encoder is its last stage (the transfer-learning budget: "the head, or a part of
-the encoder"); everything below it is frozen and its activations are computed once.
+The trainable part of the encoder is its top `trainable_stages` stages (the transfer-learning budget: "the
+head, or a part of the encoder", the same part probe=finetune trains); everything below is frozen and its
+activations are computed once.
 The defense sees the encoder and the labelled training set only: never `poison_idx`.
 """
 
@@ -67,6 +68,7 @@ class TCore(Defense):
         channel_filter: bool = True,
         bootstrap: bool = True,
         train_encoder: bool = True,
+        trainable_stages: int = 2,
         # phase 1: topological invariance sifting
         tis_layers: tuple[int, ...] = (-3, -2, -1),
         tis_logits: bool = True,
@@ -116,7 +118,8 @@ class TCore(Defense):
         t: dict[str, float] = {}
         y, n, c = train.y, len(train), ctx.num_classes
         n_stages = len(encoder.stages)
-        start = n_stages - 1 if (self.train_encoder and n_stages > 1) else n_stages
+        k = min(self.trainable_stages, n_stages - 1)
+        start = n_stages - k if (self.train_encoder and k > 0) else n_stages
         t0 = time.perf_counter()
         layers, acts = stage_representations(encoder, train.x, ctx, start)
         feats = layers[-1]

@@ -60,6 +60,14 @@ def clear_memo() -> None:
     _MEMO.clear()
 
 
+def trainable_copy(module: nn.Module) -> nn.Module:
+    """A copy whose parameters take gradients (the pipeline hands out encoders frozen)."""
+    module = copy.deepcopy(module)
+    for p in module.parameters():
+        p.requires_grad_(True)
+    return module
+
+
 # --------------------------------------------------------------------------- heads
 class Standardize(nn.Module):
     """Fixed feature standardisation (statistics of the training features), so one lr fits every encoder."""
@@ -114,7 +122,8 @@ class Probe:
     """How the downstream model is trained. Config keys (conf/probe/*.yaml):
 
     kind: linear | mlp | finetune; epochs, lr, batch_size, weight_decay; hidden (MLP width);
-    head: linear | mlp (the head used by `finetune`); trainable: last_stage | all (finetune);
+    head: linear | mlp (the head used by `finetune`); trainable: last_stage | last2 | all (finetune: the
+    encoder's top one or two stages, trained on memoised activations, or everything);
     augment: random crop + flip during `finetune` with trainable=all.
     """
 
@@ -127,14 +136,14 @@ class Probe:
         weight_decay: float = 0.0,
         hidden: int = 256,
         head: Literal["linear", "mlp"] = "linear",
-        trainable: Literal["last_stage", "all"] = "last_stage",
+        trainable: Literal["last_stage", "last2", "all"] = "last_stage",
         encoder_lr: float | None = None,
         augment: bool = True,
     ) -> None:
         if kind not in ("linear", "mlp", "finetune"):
             raise ValueError(f"probe.kind={kind!r}; choose linear, mlp or finetune")
-        if trainable not in ("last_stage", "all"):
-            raise ValueError(f"probe.trainable={trainable!r}; choose last_stage or all")
+        if trainable not in ("last_stage", "last2", "all"):
+            raise ValueError(f"probe.trainable={trainable!r}; choose last_stage, last2 or all")
         self.kind, self.epochs, self.lr, self.batch_size = kind, epochs, lr, batch_size
         self.weight_decay, self.hidden, self.head, self.trainable = weight_decay, hidden, head, trainable
         self.encoder_lr = lr if encoder_lr is None else encoder_lr
@@ -157,10 +166,11 @@ class Probe:
             head = make_head(self.kind, feats, ctx.num_classes, self.hidden).to(ctx.device)
             self._train_loop(head, feats, train.y, ctx, epochs, g, [{"params": head.parameters(), "lr": self.lr}])
             return Model(encoder, head).eval()
-        if self.trainable == "last_stage" and hasattr(encoder, "stages") and len(encoder.stages) > 1:
-            start = len(encoder.stages) - 1
+        n_top = {"last_stage": 1, "last2": 2}.get(self.trainable)
+        if n_top is not None and hasattr(encoder, "stages") and len(encoder.stages) > n_top:
+            start = len(encoder.stages) - n_top
             acts = memo_forward(encoder, train.x, ctx, stop=start)  # before the copy, so the memo hits
-            encoder = copy.deepcopy(encoder)
+            encoder = trainable_copy(encoder)
             with torch.no_grad():
                 feats = batched_forward(lambda h: encoder.forward_from(h, start), acts, ctx.device)
             head = make_head(self.head, feats, ctx.num_classes, self.hidden)
@@ -172,7 +182,7 @@ class Probe:
             return Model(encoder, head).eval()
         # whole-encoder fine-tuning on images
         feats = memo_forward(encoder, train.x, ctx)
-        encoder = copy.deepcopy(encoder)
+        encoder = trainable_copy(encoder)
         head = make_head(self.head, feats, ctx.num_classes, self.hidden)
         model = Model(encoder, head).to(ctx.device)
         groups = [{"params": encoder.parameters(), "lr": self.encoder_lr}, {"params": head.parameters(), "lr": self.lr}]

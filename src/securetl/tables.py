@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from securetl.results import read_rows
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-METRIC_NAMES = {"acc": "ACC", "asr": "ASR"}
+METRIC_NAMES = {"acc": "ACC", "asr": "ASR", "asr/data": "ASR(data trigger)", "asr/encoder": "ASR(encoder trigger)"}
 
 
 def load_preset(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:

@@ -120,10 +120,15 @@ def obtain(
         state = cache.load_state("implanted", key) if cache else None
         if state is not None:
             encoder.load_state_dict(state)
+            # the attack's own diagnostics (e.g. embedding gaps) were measured when it was implanted
+            ctx.diagnostics.update(cache.load_meta("implanted", key).get("diagnostics", {}))
         else:
+            before = set(ctx.diagnostics)
             encoder = attack.implant(encoder, pretrain_set, ctx, reference=reference)
+            diag = {k: v for k, v in ctx.diagnostics.items() if k not in before}
             if cache:
-                cache.save_state("implanted", key, encoder.state_dict(), {"attack": attack_cfg and str(attack_cfg)})
+                cache.save_state("implanted", key, encoder.state_dict(),
+                                 {"attack": attack_cfg and str(attack_cfg), "diagnostics": diag})
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder.eval(), keys
