@@ -30,8 +30,11 @@ class BootstrapResult:
 class Trainer:
     """Trains a Tail on memoised activations; gradient masks keep trusted channels (chi) frozen."""
 
-    def __init__(self, grad_masks: dict[str, Tensor] | None, lr: float, batch_size: int, weight_decay: float = 5e-4):
+    def __init__(self, grad_masks: dict[str, Tensor] | None, lr: float, batch_size: int, weight_decay: float = 5e-4,
+                 chi_lr_scale: float = 0.0):
+        """chi_lr_scale: how far trusted channels move per step relative to psi (0 = frozen, as in the paper)."""
         self.grad_masks, self.lr, self.batch_size, self.weight_decay = grad_masks, lr, batch_size, weight_decay
+        self.chi_lr_scale = chi_lr_scale
 
     def train(self, tail: Tail, acts: Tensor, y: Tensor, epochs: int, g: torch.Generator, train_stages: bool = True) -> None:
         frozen_stats = self._trusted_stats(tail)
@@ -51,20 +54,25 @@ class Trainer:
                 loss = F.cross_entropy(tail(acts[b]), y[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if train_stages and self.grad_masks is not None:
+                masked = train_stages and self.grad_masks is not None
+                if masked and self.chi_lr_scale == 0:
                     for name, mask in self.grad_masks.items():
                         p = stage_params.get(name)
                         if p is not None and p.grad is not None:
                             p.grad.mul_(mask)
+                if masked and self.chi_lr_scale > 0:
+                    before = {n: p.detach().clone() for n, p in stage_params.items() if n in self.grad_masks}
                 opt.step()
-                if train_stages and self.grad_masks is not None:
+                if masked and self.chi_lr_scale == 0:
                     self._restore(tail, frozen_stats)
+                elif masked:
+                    self._damp(stage_params, before)
         tail.eval()
 
     def _trusted_stats(self, tail: Tail) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
         """Snapshot of trusted channels' BN parameters/statistics. Adam's weight decay and running-stat
         updates would otherwise move chi even with zero gradients."""
-        if self.grad_masks is None:
+        if self.grad_masks is None or self.chi_lr_scale > 0:
             return {}
         out = {}
         for name, bn in tail.bns():
@@ -75,6 +83,14 @@ class Trainer:
         self._conv_snap = {n: p.detach().clone() for n, p in tail.stages.named_parameters()
                            if n in self.grad_masks and not n.endswith(".mask")}
         return out
+
+    @torch.no_grad()
+    def _damp(self, params: dict[str, Tensor], before: dict[str, Tensor]) -> None:
+        """Trusted entries move chi_lr_scale of the step psi entries take (Adam ignores gradient scale)."""
+        for n, old in before.items():
+            keep = 1.0 - self.grad_masks[n]  # 1 where trusted
+            p = params[n]
+            p.sub_((p - old) * keep * (1.0 - self.chi_lr_scale))
 
     @torch.no_grad()
     def _restore(self, tail: Tail, snap) -> None:

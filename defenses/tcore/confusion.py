@@ -66,11 +66,14 @@ def expand_seed(
     fractions: tuple[float, ...] = (0.15, 0.3, 0.45),
     **kw,
 ) -> ExpansionResult:
-    """Grow the seed in rounds: after round r each class holds its `fractions[r]` highest-loss samples
-    (plus the seed). Features are standardised once here."""
+    """Grow the seed in rounds: after round r each class holds its highest-loss samples, as many as
+    `fractions[r]` of the MEDIAN class size (plus the seed). Counting from the median keeps the subset
+    balanced: a dirty-label attack inflates its target class, and a per-class fraction would draw
+    proportionally more from exactly the class that holds the poison. Features are standardised here."""
     f = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
     subset = seed_idx.clone()
     rounds = []
+    median = float(torch.bincount(y, minlength=num_classes).float().median())
     for frac in fractions:
         loss = confusion_losses(f, y, subset, num_classes, g, **kw)
         chosen = [subset]
@@ -78,7 +81,7 @@ def expand_seed(
             idx = torch.nonzero(y == c).squeeze(1)
             if len(idx) == 0:
                 continue
-            k = int(round(frac * len(idx)))
+            k = min(len(idx), int(round(frac * median)))
             chosen.append(idx[torch.argsort(loss[idx], descending=True)[:k]])
         subset = torch.unique(torch.cat(chosen))
         rounds.append(subset.clone())

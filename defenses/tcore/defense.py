@@ -75,21 +75,24 @@ class TCore(Defense):
         ref_epochs: int = 10,
         alpha: float = 0.02,
         k: int = 10,
-        eps_quantile: float = 0.9,
+        eps_quantile: float = 0.5,
         min_samples: int = 5,
         # phase 2: seed expansion
         lam: float = 20.0,
         expansion_fractions: tuple[float, ...] = (0.15, 0.3, 0.45),
         confusion_epochs: int = 10,
-        confusion_layers: tuple[int, ...] = (-2, -1),
+        confusion_layers: tuple[int, ...] = (-1,),
+        confusion_grid: int = 4,
         # phase 3: channel filtering
         fit_epochs: int = 10,
         unlearn_threshold: float = 0.2,
         unlearn_lr: float = 0.01,
         recover_epochs: int = 10,
-        recover_lr: float = 0.1,
-        mask_l1: float = 1e-3,
-        sigma: float = 0.6,
+        recover_lr: float = 0.05,
+        mask_l1: float = 1e-4,
+        sigma: float = 0.5,
+        trusted_from: str = "pretrained",
+        chi_lr_scale: float = 1.0,
         # phase 4: bootstrapping
         rho: float = 0.8,
         loss_guided_steps: int = 2,
@@ -105,6 +108,8 @@ class TCore(Defense):
         for name, v in (("alpha", alpha), ("rho", rho), ("sigma", sigma), ("unlearn_threshold", unlearn_threshold)):
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"defense.{name}={v} must lie in (0, 1]")
+        if trusted_from not in ("fitted", "pretrained"):
+            raise ValueError(f"defense.trusted_from={trusted_from!r}; choose fitted or pretrained")
         if any(not 0.0 < f <= 1.0 for f in expansion_fractions):
             raise ValueError("defense.expansion_fractions must lie in (0, 1]")
         self.cfg = {k_: v for k_, v in locals().items() if k_ not in ("self", "__class__")}
@@ -143,7 +148,10 @@ class TCore(Defense):
         t0 = time.perf_counter()
         subset = seed
         if self.expansion:
-            cfeats = torch.cat([layers[i] for i in self.confusion_layers], dim=1)
+            # the confusion model must be able to fit a backdoor shortcut: besides pooled features it reads a
+            # coarse spatial grid of the activations entering the trainable stages, where a local trigger shows
+            grid = F.adaptive_avg_pool2d(acts, self.confusion_grid).flatten(1) if acts.dim() == 4 else acts
+            cfeats = torch.cat([grid, *[layers[i] for i in self.confusion_layers]], dim=1)
             exp = expand_seed(cfeats, y, seed, c, g, tuple(self.expansion_fractions), lam=self.lam,
                               epochs=self.confusion_epochs, batch_size=256)
             subset = exp.subset_idx
@@ -161,6 +169,9 @@ class TCore(Defense):
         if self.channel_filter and stages:
             fitted = Tail(stages, encoder.feat_dim, c)
             trainer_all.train(fitted, acts, y, self.fit_epochs, g)  # the model D would give: backdoor included
+            if self.trusted_from == "fitted":
+                # chi keeps what the fitted model learned; psi (the channels clean recovery did not need) restarts
+                tail.stages.load_state_dict(fitted.stages.state_dict())
             info = unlearn(fitted, acts, y, g, self.unlearn_threshold, self.unlearn_lr, self.batch_size)
             masks = recover_masks(fitted, acts[subset], y[subset], g, self.recover_epochs, self.recover_lr, self.mask_l1)
             untrusted = untrusted_from_masks(masks, self.sigma)
@@ -173,7 +184,7 @@ class TCore(Defense):
 
         # ---- phase 4: bootstrapping
         t0 = time.perf_counter()
-        trainer = Trainer(grad_masks, self.lr, self.batch_size, self.weight_decay)
+        trainer = Trainer(grad_masks, self.lr, self.batch_size, self.weight_decay, self.chi_lr_scale)
         train_stages = bool(stages)
         if self.bootstrap:
             res = bootstrap(tail, acts, y, subset, trainer, g, self.rho, self.loss_guided_steps, self.meta_guided_steps,

@@ -66,7 +66,7 @@ def sift(
     labels: Tensor,
     alpha: float = 0.02,
     k: int = 10,
-    eps_quantile: float = 0.9,
+    eps_quantile: float = 0.5,
     min_samples: int = 5,
     min_per_class: int = 2,
     majority: bool = True,
