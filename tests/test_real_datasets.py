@@ -426,4 +426,4 @@ def test_a_run_on_a_real_dataset_config_end_to_end(compose_cfg, data_dir, tmp_pa
                               f"dataset.root={data_dir}/../data"])  # fmt: skip
     from securetl import results
 
-    assert results.run_id(other_root) == row["run_id"]
+    assert results.run_id(other_root, results.choices_of(other_root)) == row["run_id"]
