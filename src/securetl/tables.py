@@ -20,7 +20,14 @@ from omegaconf import OmegaConf
 from securetl.results import read_rows
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-METRIC_NAMES = {"acc": "ACC", "asr": "ASR", "asr/data": "ASR(data trigger)", "asr/encoder": "ASR(encoder trigger)"}
+METRIC_NAMES = {
+    "acc": "ACC",
+    "asr": "ASR",
+    "asr/data": "ASR data-trigger",
+    "asr/encoder": "ASR enc-trigger",
+    "asr/shared": "ASR shared-trigger",
+    "asr/reference": "ASR ref-trigger",
+}
 
 
 def load_preset(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
@@ -101,14 +108,14 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
         ]
     if cols:
         disp = disp.unstack(cols)
-        disp.columns = [" | ".join(str(c) for c in col[::-1]) if isinstance(col, tuple) else str(col) for col in disp.columns]
+        disp.columns = [" ".join(str(c) for c in col[::-1]) if isinstance(col, tuple) else str(col) for col in disp.columns]
         # order columns by the sweep's order of the column group, then metric
         disp = disp[sorted(disp.columns, key=lambda c: _col_order(c, cols, sweep, present))]
     return disp, missing, long
 
 
 def _col_order(col: str, cols: list[str], sweep: dict, metrics: list[str]) -> tuple:
-    parts = col.split(" | ")
+    parts = col.split(" ", len(cols))
     order = []
     for p, c in zip(parts, cols[::-1] + ["metric"]):
         vals = sweep.get(c, [])
@@ -130,7 +137,7 @@ def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Pat
     title = report.get("title", name)
     n_seeds = len(sweep.get("seed", ["0"]))
     note = f"ACC and ASR in %, mean ± std over {n_seeds} seed(s)." if n_seeds > 1 else "ACC and ASR in %, one seed."
-    md = f"### {title}\n\n{note}\n\n" + (disp.to_markdown() if len(disp) else "_no matching rows_") + "\n"
+    md = f"### {title}\n\n{note}\n\n" + (disp.reset_index().to_markdown(index=False) if len(disp) else "_no matching rows_") + "\n"
     if missing:
         md += f"\nMissing cells ({len(missing)}):\n" + "".join(f"- {m}\n" for m in missing)
     (out_dir / f"{name}.md").write_text(md)
