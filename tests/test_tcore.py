@@ -72,7 +72,7 @@ def test_masks_stay_in_unit_interval_and_reinit_touches_only_untrusted():
     grad_masks = reinit_untrusted(tail, untrusted, g)
     after = tail.stages.state_dict()
     touched_any = False
-    for name, bn in tail.bns():
+    for name, _bn in tail.bns():
         bad = untrusted[name]
         for key in ("weight", "bias", "running_mean", "running_var"):
             full = f"{name}.{key}"

@@ -121,7 +121,7 @@ class TCore(Defense):
         g = ctx.generator(salt=4242)
         torch.manual_seed(ctx.seed)
         t: dict[str, float] = {}
-        y, n, c = train.y, len(train), ctx.num_classes
+        y, c = train.y, ctx.num_classes
         n_stages = len(encoder.stages)
         k = min(self.trainable_stages, n_stages - 1)
         start = n_stages - k if (self.train_encoder and k > 0) else n_stages

@@ -109,20 +109,19 @@ class Trigger:
 
 
 # --------------------------------------------------------------------------- attacks
-class DataAttack:
-    """Threat-2: poisons the downstream training set. `poison_rate` is a fraction of the WHOLE train set."""
+class _TriggerAttack:
+    """What every attack shares: a trigger, a target, and how its ASR is measured."""
 
     name: ClassVar[str] = "base"
+    group: ClassVar[str] = "attack"  # the config group, for messages
     trigger: Trigger | None = None
     target: int | None = None
+    asr_definition: ClassVar[str] = "non-target test samples"
 
     def validate(self, num_classes: int) -> None:
         """Raise ValueError on settings that make no sense for this dataset (before any training)."""
         if self.target is not None and not 0 <= self.target < num_classes:
-            raise ValueError(f"data_attack.target={self.target} but the dataset has {num_classes} classes")
-
-    def poison(self, train: LabeledSet, generator: torch.Generator) -> Poisoned:
-        raise NotImplementedError
+            raise ValueError(f"{self.group}.target={self.target} but the dataset has {num_classes} classes")
 
     def apply_test(self, x: Tensor) -> Tensor:
         """The trigger used at test time (some attacks use a stronger one than in training)."""
@@ -133,20 +132,21 @@ class DataAttack:
         """Which test samples count for ASR. Default: all whose true label is not the target."""
         return y != self.target
 
-    asr_definition: ClassVar[str] = "non-target test samples"
+
+class DataAttack(_TriggerAttack):
+    """Threat-2: poisons the downstream training set. `poison_rate` is a fraction of the WHOLE train set."""
+
+    group = "data_attack"
+
+    def poison(self, train: LabeledSet, generator: torch.Generator) -> Poisoned:
+        raise NotImplementedError
 
 
-class EncoderAttack:
+class EncoderAttack(_TriggerAttack):
     """Threat-1: either fine-tunes a clean encoder (`implant`) or poisons its pre-training data."""
 
-    name: ClassVar[str] = "base"
+    group = "encoder_attack"
     kind: ClassVar[str] = "none"  # "finetune" | "pretrain_data" | "none"
-    trigger: Trigger | None = None
-    target: int | None = None
-
-    def validate(self, num_classes: int) -> None:
-        if self.target is not None and not 0 <= self.target < num_classes:
-            raise ValueError(f"encoder_attack.target={self.target} but the dataset has {num_classes} classes")
 
     def implant(
         self, encoder: nn.Module, shadow: LabeledSet, ctx: RunContext, reference: LabeledSet | None = None
@@ -156,15 +156,6 @@ class EncoderAttack:
 
     def poison_pretraining(self, pretrain: LabeledSet, generator: torch.Generator) -> LabeledSet:
         return pretrain
-
-    def apply_test(self, x: Tensor) -> Tensor:
-        assert self.trigger is not None
-        return self.trigger.apply(x)
-
-    def asr_mask(self, y: Tensor) -> Tensor:
-        return y != self.target
-
-    asr_definition: ClassVar[str] = "non-target test samples"
 
 
 class NoDataAttack(DataAttack):
