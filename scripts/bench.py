@@ -46,7 +46,9 @@ def main() -> None:
     clear_memo()
     first = timed(lambda: memo_forward(enc, data.train.x, ctx))
     second = timed(lambda: memo_forward(enc, data.train.x, ctx))
-    print(f"features  recompute {first:.2f}s  memoised {second:.4f}s  speed-up x{first / max(second, 1e-9):.0f}")
+    print(
+        f"features  recompute {first:.2f}s  memoised {second:.4f}s  speed-up x{first / max(second, 1e-9):.0f}"
+    )
 
     feats = memo_forward(enc, data.train.x, ctx)
     probe = Probe(kind="linear", epochs=20, lr=1e-2, batch_size=256)
@@ -70,7 +72,9 @@ def main() -> None:
 
     n_ssl = min(args.n, 1024)
     imgs = data.pretrain.x[:n_ssl]
-    suite = timed(lambda: pretrain(cifar_resnet18(args.width).to(device), imgs, ctx, epochs=1, batch_size=128))
+    suite = timed(
+        lambda: pretrain(cifar_resnet18(args.width).to(device), imgs, ctx, epochs=1, batch_size=128)
+    )
 
     def bare_ssl() -> None:
         torch.manual_seed(0)
@@ -86,7 +90,9 @@ def main() -> None:
             opt.step()
 
     base = timed(bare_ssl)
-    print(f"ssl       suite {suite:.2f}s  bare loop {base:.2f}s  ratio {suite / base:.2f}  ({n_ssl} images, 1 epoch)")
+    print(
+        f"ssl       suite {suite:.2f}s  bare loop {base:.2f}s  ratio {suite / base:.2f}  ({n_ssl} images, 1 epoch)"
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def compose_cfg(tmp_path, monkeypatch):
     def _compose(overrides=(), tiny=True):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("run", overrides=(TINY if tiny else []) + list(overrides), return_hydra_config=True)
+            return compose(
+                "run", overrides=(TINY if tiny else []) + list(overrides), return_hydra_config=True
+            )
 
     yield _compose
     GlobalHydra.instance().clear()

@@ -16,7 +16,9 @@ BIN = Path(sys.executable).parent
 
 
 def cli(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "securetl"), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "securetl"), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -36,8 +38,13 @@ def test_multirun_writes_rows_renders_table_and_resumes(env, tmp_path):
     choices = sorted(json.loads(p.read_text())["choices"]["data_attack"] for p in rows)
     assert choices == ["badnets", "none"]
 
-    table = subprocess.run([str(BIN / "securetl-table"), "demo", "--results-dir", str(tmp_path / "results")],
-                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    table = subprocess.run(
+        [str(BIN / "securetl-table"), "demo", "--results-dir", str(tmp_path / "results")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert table.returncode == 0, table.stderr
     assert "ACC" in table.stdout and "ASR" in table.stdout and "badnets" in table.stdout
     for ext in ("md", "csv", "tex"):

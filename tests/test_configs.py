@@ -10,7 +10,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from conftest import CONF
 
-GROUPS = ["dataset", "encoder", "encoder_attack", "data_attack", "defense", "probe", "logger", "table", "threat", "ablation"]
+GROUPS = [
+    "dataset",
+    "encoder",
+    "encoder_attack",
+    "data_attack",
+    "defense",
+    "probe",
+    "logger",
+    "table",
+    "threat",
+    "ablation",
+]
 
 
 def options(group: str) -> list[str]:
@@ -33,9 +44,16 @@ def check_node(node, where: str) -> int:
             takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
             keys = [k for k in node.keys() if not str(k).startswith("_")]
             unknown = [k for k in keys if k not in params]
-            assert takes_kwargs or not unknown, f"{where}: keys {unknown} not accepted by {node._target_}{sig}"
-            required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
-                        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"]
+            assert takes_kwargs or not unknown, (
+                f"{where}: keys {unknown} not accepted by {node._target_}{sig}"
+            )
+            required = [
+                n
+                for n, p in params.items()
+                if p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                and n != "self"
+            ]
             missing = [n for n in required if n not in keys]
             assert not missing, f"{where}: {node._target_} needs {missing}"
             checked += 1

@@ -21,7 +21,11 @@ def test_mapped_packages_import_through_the_installed_package():
 
 def test_every_package_folder_is_listed_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    roots = {"securetl": ROOT / "src/securetl", "securetl.attacks": ROOT / "attacks", "securetl.defenses": ROOT / "defenses"}
+    roots = {
+        "securetl": ROOT / "src/securetl",
+        "securetl.attacks": ROOT / "attacks",
+        "securetl.defenses": ROOT / "defenses",
+    }
     found = set()
     for prefix, folder in roots.items():
         for init in folder.rglob("__init__.py"):

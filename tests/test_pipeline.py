@@ -16,7 +16,18 @@ def test_same_seed_twice_gives_identical_metrics(compose_cfg):
 
 def test_row_records_what_a_reader_needs(compose_cfg):
     row = run(compose_cfg(["data_attack=badnets"]))
-    for key in ("run_id", "choices", "seed", "metrics", "diagnostics", "timings", "memory", "device", "git_sha", "config"):
+    for key in (
+        "run_id",
+        "choices",
+        "seed",
+        "metrics",
+        "diagnostics",
+        "timings",
+        "memory",
+        "device",
+        "git_sha",
+        "config",
+    ):
         assert key in row
     assert row["choices"]["data_attack"] == "badnets"
     assert 0.0 <= row["metrics"]["acc"] <= 1.0 and 0.0 <= row["metrics"]["asr"] <= 1.0
@@ -29,10 +40,16 @@ def test_clean_run_reports_reference_asr(compose_cfg):
 
 
 def test_threat3_shared_trigger_reports_one_asr(compose_cfg):
-    row = run(compose_cfg([
-        "encoder_attack=badencoder", "encoder_attack.epochs=1", "data_attack=badnets",
-        "data_attack.trigger=${encoder_attack.trigger}",
-    ]))
+    row = run(
+        compose_cfg(
+            [
+                "encoder_attack=badencoder",
+                "encoder_attack.epochs=1",
+                "data_attack=badnets",
+                "data_attack.trigger=${encoder_attack.trigger}",
+            ]
+        )
+    )
     m = row["metrics"]
     assert m["asr_source"] == "shared"
     assert [k for k in m if k.startswith("asr/")] == ["asr/shared"]

@@ -106,8 +106,20 @@ def test_bootstrap_pool_grows_monotonically_to_rho_n():
     acts = torch.randn(n, 16, 8, 8, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
     start = torch.arange(0, 40)
-    res = bootstrap(tail, acts, y, start, Trainer(None, 1e-3, 32), g, rho=0.8, loss_guided_steps=2,
-                    meta_guided_steps=2, epochs_per_step=1, meta_epochs=1, final_epochs=1)
+    res = bootstrap(
+        tail,
+        acts,
+        y,
+        start,
+        Trainer(None, 1e-3, 32),
+        g,
+        rho=0.8,
+        loss_guided_steps=2,
+        meta_guided_steps=2,
+        epochs_per_step=1,
+        meta_epochs=1,
+        final_epochs=1,
+    )
     sizes = [40] + [len(s["pool"]) for s in res.steps]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
     assert len(res.pool_idx) == round(0.8 * n)
@@ -142,12 +154,31 @@ def test_defense_never_receives_poison_idx(compose_cfg, monkeypatch):
 
 
 def test_tcore_runs_end_to_end_and_reports_diagnostics(compose_cfg):
-    row = run(compose_cfg([
-        "defense=tcore", "data_attack=badnets", "defense.fit_epochs=1", "defense.recover_epochs=1",
-        "defense.epochs_per_step=1", "defense.final_epochs=1", "defense.confusion_epochs=2", "defense.ref_epochs=2",
-    ]))
+    row = run(
+        compose_cfg(
+            [
+                "defense=tcore",
+                "data_attack=badnets",
+                "defense.fit_epochs=1",
+                "defense.recover_epochs=1",
+                "defense.epochs_per_step=1",
+                "defense.final_epochs=1",
+                "defense.confusion_epochs=2",
+                "defense.ref_epochs=2",
+            ]
+        )
+    )
     d = row["diagnostics"]
-    for key in ("seed/size", "seed/n_poison", "subset/purity", "kept/size", "tcore/untrusted_channels",
-                "time/tcore_tis", "time/tcore_bootstrap", "subset_round1/purity", "pool_step1_loss/purity"):
+    for key in (
+        "seed/size",
+        "seed/n_poison",
+        "subset/purity",
+        "kept/size",
+        "tcore/untrusted_channels",
+        "time/tcore_tis",
+        "time/tcore_bootstrap",
+        "subset_round1/purity",
+        "pool_step1_loss/purity",
+    ):
         assert key in d, key
     assert d["kept/size"] == round(0.8 * 300)

@@ -12,7 +12,9 @@ from securetl.interfaces import DataAttack, LabeledSet, Poisoned, Trigger
 class BadNets(DataAttack):
     name = "badnets"
 
-    def __init__(self, trigger: Trigger, target: int = 0, poison_rate: float = 0.1, exclude_target: bool = True) -> None:
+    def __init__(
+        self, trigger: Trigger, target: int = 0, poison_rate: float = 0.1, exclude_target: bool = True
+    ) -> None:
         """poison_rate: fraction of the whole train set; exclude_target: draw poisons from non-target classes
         only (so every poison carries a flipped label, as in backdoor-toolbox/BackdoorBench)."""
         self.trigger, self.target = trigger, int(target)
@@ -21,7 +23,9 @@ class BadNets(DataAttack):
 
     def poison(self, train: LabeledSet, generator: torch.Generator) -> Poisoned:
         n = len(train)
-        eligible = torch.nonzero(train.y != self.target).squeeze(1) if self.exclude_target else torch.arange(n)
+        eligible = (
+            torch.nonzero(train.y != self.target).squeeze(1) if self.exclude_target else torch.arange(n)
+        )
         idx = choose(eligible, count_for(self.poison_rate, n), generator)
         x, y = train.x.clone(), train.y.clone()
         x[idx] = self.trigger.apply_uint8(x[idx])

@@ -65,18 +65,24 @@ class BadEncoder(EncoderAttack):
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.batch_size, self.seed = batch_size, seed
 
-    def shadow_and_reference(self, pretrain: LabeledSet, reference_pool: LabeledSet) -> tuple[torch.Tensor, torch.Tensor]:
+    def shadow_and_reference(
+        self, pretrain: LabeledSet, reference_pool: LabeledSet
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The attacker's data: a fraction of the pre-training images, and target-class reference inputs."""
         g = torch.Generator().manual_seed(self.seed)
         n_shadow = max(self.batch_size, int(round(self.shadow_fraction * len(pretrain))))
         shadow = pretrain.x[torch.randperm(len(pretrain), generator=g)[:n_shadow]]
         cands = torch.nonzero(reference_pool.y == self.target).squeeze(1)
         if len(cands) < self.n_reference:
-            raise ValueError(f"only {len(cands)} reference images of class {self.target}, need {self.n_reference}")
+            raise ValueError(
+                f"only {len(cands)} reference images of class {self.target}, need {self.n_reference}"
+            )
         ref = reference_pool.x[cands[torch.randperm(len(cands), generator=g)[: self.n_reference]]]
         return shadow, ref
 
-    def implant(self, encoder: nn.Module, shadow: LabeledSet, ctx: RunContext, reference: LabeledSet | None = None) -> nn.Module:
+    def implant(
+        self, encoder: nn.Module, shadow: LabeledSet, ctx: RunContext, reference: LabeledSet | None = None
+    ) -> nn.Module:
         if reference is None:
             raise ValueError("BadEncoder needs reference inputs of the target class (dataset.reference)")
         torch.manual_seed(self.seed)
@@ -86,7 +92,9 @@ class BadEncoder(EncoderAttack):
         for p in clean.parameters():
             p.requires_grad_(False)
         bad = encoder.to(ctx.device)
-        opt = torch.optim.SGD(bad.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(
+            bad.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
         ref = to_float(ref_x).to(ctx.device)
         with torch.no_grad():
             ref_clean = clean(ref)
@@ -115,11 +123,16 @@ class BadEncoder(EncoderAttack):
         bad.eval()
         with torch.no_grad():
             x = to_float(shadow_x[:256]).to(ctx.device)
-            ctx.diagnostics["badencoder/shadow_bd_ref_cos"] = cos(bad(self.trigger.apply(x)), bad(ref).mean(0, keepdim=True)).mean().item()
+            ctx.diagnostics["badencoder/shadow_bd_ref_cos"] = (
+                cos(bad(self.trigger.apply(x)), bad(ref).mean(0, keepdim=True)).mean().item()
+            )
             ctx.diagnostics["badencoder/shadow_clean_cos"] = cos(bad(x), clean(x)).mean().item()
         # how separable triggered embeddings are from clean ones (compare with DRUPE's drupe/gap_*)
         for k, v in embedding_gap(bad, shadow_x[:256], self.trigger, ctx.device).items():
             ctx.diagnostics[f"badencoder/gap_{k}"] = v
-        log.info("BadEncoder: triggered->reference cos %.3f, clean utility cos %.3f",
-                 ctx.diagnostics["badencoder/shadow_bd_ref_cos"], ctx.diagnostics["badencoder/shadow_clean_cos"])
+        log.info(
+            "BadEncoder: triggered->reference cos %.3f, clean utility cos %.3f",
+            ctx.diagnostics["badencoder/shadow_bd_ref_cos"],
+            ctx.diagnostics["badencoder/shadow_clean_cos"],
+        )
         return bad

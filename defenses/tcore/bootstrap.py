@@ -1,12 +1,12 @@
 """Phase 4 — bootstrapping learning: grow a clean pool from the clean subset and train on it only.
 
-    min_{phi, psi}  E_{(x, y) in D_clean}  l(f(phi) o g(x; psi u chi), y)      chi frozen, psi re-initialised
+  min_{phi, psi}  E_{(x, y) in D_clean}  l(f(phi) o g(x; psi u chi), y)      chi frozen, psi re-initialised
 
-  loss-guided expansion  move the lowest-loss samples of D \\ D_clean into the pool;
-  meta-guided expansion  Loss1 = current model's loss on D \\ D_clean, Loss2 = loss of a temporary copy after a
-                         short training on all of D; poison is learned fast, so its loss drops most: move the
-                         samples with the SMALLEST reduction Loss1 - Loss2 into the pool.
-  stop at |D_clean| = rho |D|, then train the final model on D_clean.
+loss-guided expansion  move the lowest-loss samples of D \\ D_clean into the pool;
+meta-guided expansion  Loss1 = current model's loss on D \\ D_clean, Loss2 = loss of a temporary copy after a
+                       short training on all of D; poison is learned fast, so its loss drops most: move the
+                       samples with the SMALLEST reduction Loss1 - Loss2 into the pool.
+stop at |D_clean| = rho |D|, then train the final model on D_clean.
 """
 
 from __future__ import annotations
@@ -30,13 +30,26 @@ class BootstrapResult:
 class Trainer:
     """Trains a Tail on memoised activations; gradient masks keep trusted channels (chi) frozen."""
 
-    def __init__(self, grad_masks: dict[str, Tensor] | None, lr: float, batch_size: int, weight_decay: float = 5e-4,
-                 chi_lr_scale: float = 0.0):
+    def __init__(
+        self,
+        grad_masks: dict[str, Tensor] | None,
+        lr: float,
+        batch_size: int,
+        weight_decay: float = 5e-4,
+        chi_lr_scale: float = 0.0,
+    ):
         """chi_lr_scale: how far trusted channels move per step relative to psi (0 = frozen, as in the paper)."""
-        self.grad_masks, self.lr, self.batch_size, self.weight_decay = grad_masks, lr, batch_size, weight_decay
+        self.grad_masks, self.lr, self.batch_size, self.weight_decay = (
+            grad_masks,
+            lr,
+            batch_size,
+            weight_decay,
+        )
         self.chi_lr_scale = chi_lr_scale
 
-    def train(self, tail: Tail, acts: Tensor, y: Tensor, epochs: int, g: torch.Generator, train_stages: bool = True) -> None:
+    def train(
+        self, tail: Tail, acts: Tensor, y: Tensor, epochs: int, g: torch.Generator, train_stages: bool = True
+    ) -> None:
         frozen_stats = self._trusted_stats(tail)
         params = list(tail.head.parameters())
         if train_stages:
@@ -77,11 +90,21 @@ class Trainer:
         out = {}
         for name, bn in tail.bns():
             trainable = self.grad_masks.get(f"{name}.weight")
-            keep = (trainable == 0) if trainable is not None else torch.ones(bn.num_features, dtype=torch.bool)
-            out[name] = (keep, bn.weight.detach().clone(), bn.bias.detach().clone(),
-                         bn.running_mean.clone(), bn.running_var.clone())
-        self._conv_snap = {n: p.detach().clone() for n, p in tail.stages.named_parameters()
-                           if n in self.grad_masks and not n.endswith(".mask")}
+            keep = (
+                (trainable == 0) if trainable is not None else torch.ones(bn.num_features, dtype=torch.bool)
+            )
+            out[name] = (
+                keep,
+                bn.weight.detach().clone(),
+                bn.bias.detach().clone(),
+                bn.running_mean.clone(),
+                bn.running_var.clone(),
+            )
+        self._conv_snap = {
+            n: p.detach().clone()
+            for n, p in tail.stages.named_parameters()
+            if n in self.grad_masks and not n.endswith(".mask")
+        }
         return out
 
     @torch.no_grad()
@@ -109,8 +132,12 @@ class Trainer:
 @torch.no_grad()
 def per_sample_loss(model: nn.Module, acts: Tensor, y: Tensor, batch: int = 1024) -> Tensor:
     model.eval()
-    return torch.cat([F.cross_entropy(model(acts[i : i + batch]), y[i : i + batch], reduction="none")
-                      for i in range(0, len(y), batch)])
+    return torch.cat(
+        [
+            F.cross_entropy(model(acts[i : i + batch]), y[i : i + batch], reduction="none")
+            for i in range(0, len(y), batch)
+        ]
+    )
 
 
 def bootstrap(

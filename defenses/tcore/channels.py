@@ -32,8 +32,14 @@ class MaskedBN(nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight * self.mask, self.bias * self.mask,
-            self.training, self.momentum, self.eps,
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight * self.mask,
+            self.bias * self.mask,
+            self.training,
+            self.momentum,
+            self.eps,
         )
 
 
@@ -97,12 +103,23 @@ def unmask(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def accuracy(tail: Tail, acts: Tensor, y: Tensor, batch: int = 1024) -> float:
     tail.eval()
-    correct = sum(int((tail(acts[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    correct = sum(
+        int((tail(acts[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch)
+    )
     return correct / max(1, len(y))
 
 
-def unlearn(tail: Tail, acts: Tensor, y: Tensor, g: torch.Generator, threshold: float = 0.2, lr: float = 0.01,
-            batch_size: int = 128, max_steps: int = 500, check_every: int = 10) -> dict:
+def unlearn(
+    tail: Tail,
+    acts: Tensor,
+    y: Tensor,
+    g: torch.Generator,
+    threshold: float = 0.2,
+    lr: float = 0.01,
+    batch_size: int = 128,
+    max_steps: int = 500,
+    check_every: int = 10,
+) -> dict:
     """Gradient ascent on the CE loss over D, normalisation parameters only, until acc(D) < threshold."""
     params = [p for _, m in tail.bns() for p in (m.weight, m.bias)]
     for p in tail.parameters():
@@ -128,8 +145,16 @@ def unlearn(tail: Tail, acts: Tensor, y: Tensor, g: torch.Generator, threshold: 
     return {"unlearn_steps": steps, "unlearn_acc": acc}
 
 
-def recover_masks(tail: Tail, acts: Tensor, y: Tensor, g: torch.Generator, epochs: int = 10, lr: float = 0.1,
-                  l1: float = 1e-3, batch_size: int = 128) -> dict[str, Tensor]:
+def recover_masks(
+    tail: Tail,
+    acts: Tensor,
+    y: Tensor,
+    g: torch.Generator,
+    epochs: int = 10,
+    lr: float = 0.1,
+    l1: float = 1e-3,
+    batch_size: int = 128,
+) -> dict[str, Tensor]:
     """Learn per-channel masks (everything else frozen) that restore accuracy on the clean subset."""
     for p in tail.parameters():
         p.requires_grad_(False)
@@ -191,7 +216,9 @@ def reinit_untrusted(tail: Tail, untrusted: dict[str, Tensor], g: torch.Generato
             grad_masks[f"{name}.bias"] = bad.float()
             if conv is not None:
                 cname = next(n for n, p in named_params.items() if p is conv.weight)
-                grad_masks[cname] = bad.float().view(-1, *([1] * (conv.weight.dim() - 1))).expand_as(conv.weight).clone()
+                grad_masks[cname] = (
+                    bad.float().view(-1, *([1] * (conv.weight.dim() - 1))).expand_as(conv.weight).clone()
+                )
     # every other stage parameter (none in a ResNet stage, but be safe) is frozen
     for pname in named_params:
         if pname.endswith(".mask"):

@@ -43,7 +43,9 @@ def confusion_losses(
             cb = trusted_idx[torch.randint(0, len(trusted_idx), (len(b),), generator=g)]
             # a wrong label for every confusion sample: shift the true label by 1..C-1
             wrong = (y[cb] + torch.randint(1, num_classes, (len(cb),), generator=g)) % num_classes
-            loss = (F.cross_entropy(model(feats[b]), y[b]) + lam * F.cross_entropy(model(feats[cb]), wrong)) / (1 + lam)
+            loss = (
+                F.cross_entropy(model(feats[b]), y[b]) + lam * F.cross_entropy(model(feats[cb]), wrong)
+            ) / (1 + lam)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def stage_representations(encoder, x: Tensor, ctx: RunContext, start: int, batch: int = 512) -> tuple[list[Tensor], Tensor]:
+def stage_representations(
+    encoder, x: Tensor, ctx: RunContext, start: int, batch: int = 512
+) -> tuple[list[Tensor], Tensor]:
     """Pooled output of every stage (for TIS) and the activation entering stage `start` (for training)."""
     encoder.eval().to(ctx.device)
     pooled: list[list[Tensor]] = []
@@ -105,7 +107,12 @@ class TCore(Defense):
         weight_decay: float = 5e-4,
     ) -> None:
         super().__init__()
-        for name, v in (("alpha", alpha), ("rho", rho), ("sigma", sigma), ("unlearn_threshold", unlearn_threshold)):
+        for name, v in (
+            ("alpha", alpha),
+            ("rho", rho),
+            ("sigma", sigma),
+            ("unlearn_threshold", unlearn_threshold),
+        ):
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"defense.{name}={v} must lie in (0, 1]")
         if trusted_from not in ("fitted", "pretrained"):
@@ -152,8 +159,17 @@ class TCore(Defense):
             # coarse spatial grid of the activations entering the trainable stages, where a local trigger shows
             grid = F.adaptive_avg_pool2d(acts, self.confusion_grid).flatten(1) if acts.dim() == 4 else acts
             cfeats = torch.cat([grid, *[layers[i] for i in self.confusion_layers]], dim=1)
-            exp = expand_seed(cfeats, y, seed, c, g, tuple(self.expansion_fractions), lam=self.lam,
-                              epochs=self.confusion_epochs, batch_size=256)
+            exp = expand_seed(
+                cfeats,
+                y,
+                seed,
+                c,
+                g,
+                tuple(self.expansion_fractions),
+                lam=self.lam,
+                epochs=self.confusion_epochs,
+                batch_size=256,
+            )
             subset = exp.subset_idx
             for r, idx in enumerate(exp.rounds):
                 self.decisions[f"subset_round{r + 1}_idx"] = idx
@@ -168,17 +184,26 @@ class TCore(Defense):
         tail = Tail(stages, encoder.feat_dim, c)
         if self.channel_filter and stages:
             fitted = Tail(stages, encoder.feat_dim, c)
-            trainer_all.train(fitted, acts, y, self.fit_epochs, g)  # the model D would give: backdoor included
+            trainer_all.train(
+                fitted, acts, y, self.fit_epochs, g
+            )  # the model D would give: backdoor included
             if self.trusted_from == "fitted":
                 # chi keeps what the fitted model learned; psi (the channels clean recovery did not need) restarts
                 tail.stages.load_state_dict(fitted.stages.state_dict())
             info = unlearn(fitted, acts, y, g, self.unlearn_threshold, self.unlearn_lr, self.batch_size)
-            masks = recover_masks(fitted, acts[subset], y[subset], g, self.recover_epochs, self.recover_lr, self.mask_l1)
+            masks = recover_masks(
+                fitted, acts[subset], y[subset], g, self.recover_epochs, self.recover_lr, self.mask_l1
+            )
             untrusted = untrusted_from_masks(masks, self.sigma)
             grad_masks = reinit_untrusted(tail, untrusted, g)
             n_un = int(sum(int(u.sum()) for u in untrusted.values()))
-            self.diagnostics.update({"tcore/untrusted_channels": n_un, "tcore/channels": tail.n_channels(), **{
-                f"tcore/{k_}": v for k_, v in info.items()}})
+            self.diagnostics.update(
+                {
+                    "tcore/untrusted_channels": n_un,
+                    "tcore/channels": tail.n_channels(),
+                    **{f"tcore/{k_}": v for k_, v in info.items()},
+                }
+            )
             self.diagnostics["tcore/mask_mean"] = float(torch.cat(list(masks.values())).mean())
         t["channel_filter"] = time.perf_counter() - t0
 
@@ -187,8 +212,21 @@ class TCore(Defense):
         trainer = Trainer(grad_masks, self.lr, self.batch_size, self.weight_decay, self.chi_lr_scale)
         train_stages = bool(stages)
         if self.bootstrap:
-            res = bootstrap(tail, acts, y, subset, trainer, g, self.rho, self.loss_guided_steps, self.meta_guided_steps,
-                            self.epochs_per_step, self.meta_epochs, self.final_epochs, train_stages)
+            res = bootstrap(
+                tail,
+                acts,
+                y,
+                subset,
+                trainer,
+                g,
+                self.rho,
+                self.loss_guided_steps,
+                self.meta_guided_steps,
+                self.epochs_per_step,
+                self.meta_epochs,
+                self.final_epochs,
+                train_stages,
+            )
             pool = res.pool_idx
             for i, step in enumerate(res.steps):
                 self.decisions[f"pool_step{i + 1}_{step['kind']}_idx"] = step["pool"]

@@ -93,4 +93,6 @@ def sift(
         order = np.argsort(-s, kind="stable")
         seed.append(kept[order[:n_take]])
     seed_idx = torch.from_numpy(np.sort(np.concatenate(seed))).long()
-    return SiftResult(seed_idx, torch.from_numpy(np.sort(np.concatenate(passed))).long(), torch.from_numpy(scores).float())
+    return SiftResult(
+        seed_idx, torch.from_numpy(np.sort(np.concatenate(passed))).long(), torch.from_numpy(scores).float()
+    )

@@ -69,7 +69,9 @@ class Cache:
         log.info("cache hit: %s/%s", kind, key)
         return load_file(str(p))
 
-    def save_state(self, kind: str, key: str, state: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
+    def save_state(
+        self, kind: str, key: str, state: dict[str, torch.Tensor], meta: dict | None = None
+    ) -> Path:
         p = self.path(kind, key)
         if not self.enabled:
             return p

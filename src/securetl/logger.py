@@ -22,8 +22,14 @@ class NoLogger:
 class WandbLogger(NoLogger):
     """`logger=wandb`: config + final metrics to Weights & Biases. mode: offline | online | disabled."""
 
-    def __init__(self, project: str = "securetl", mode: str = "offline", dir: str | None = None,
-                 entity: str | None = None, tags: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        project: str = "securetl",
+        mode: str = "offline",
+        dir: str | None = None,
+        entity: str | None = None,
+        tags: list[str] | None = None,
+    ) -> None:
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"logger.mode={mode!r}; choose offline, online or disabled")
         self.project, self.mode, self.dir, self.entity, self.tags = project, mode, dir, entity, tags or []
@@ -35,8 +41,18 @@ class WandbLogger(NoLogger):
         if self.dir:
             os.makedirs(self.dir, exist_ok=True)
         name = "-".join(f"{v}" for v in choices.values()) + f"-s{config.get('seed')}"
-        self._run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, dir=self.dir,
-                               config=config, name=name, id=run_id, resume="allow", tags=self.tags, reinit=True)
+        self._run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            mode=self.mode,
+            dir=self.dir,
+            config=config,
+            name=name,
+            id=run_id,
+            resume="allow",
+            tags=self.tags,
+            reinit=True,
+        )
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self._run is not None:

@@ -35,7 +35,9 @@ def attack_success_rate(model: nn.Module, test: LabeledSet, t: TriggerEval, ctx:
     return float((pred == t.target).float().mean())
 
 
-def evaluate(model: nn.Module, test: LabeledSet, triggers: list[TriggerEval], ctx: RunContext) -> dict[str, float | str]:
+def evaluate(
+    model: nn.Module, test: LabeledSet, triggers: list[TriggerEval], ctx: RunContext
+) -> dict[str, float | str]:
     """`acc`, `asr` (the first trigger's: the data attack's when there is one) and `asr/<source>` for each."""
     out: dict[str, float | str] = {"acc": accuracy(predict(model, test.x, ctx), test.y)}
     for i, t in enumerate(triggers):

@@ -1,11 +1,11 @@
 """One run, top to bottom: the threat model as code.
 
-    splits   = dataset                                   downstream train/test (+ pre-training split)
-    encoder  = obtain(encoder, encoder_attack)           Threat-1: backdoored encoder (cached)
-    poisoned = data_attack.poison(train)                 Threat-2: poisoned downstream set + poison_idx
-    model    = defense.train(encoder, poisoned.train)    the defense owns downstream training
-    metrics  = evaluate(model, test, triggers)           ACC, ASR per distinct trigger
-    row      -> results/raw/<run_id>.json                one JSON row, atomically
+splits   = dataset                                   downstream train/test (+ pre-training split)
+encoder  = obtain(encoder, encoder_attack)           Threat-1: backdoored encoder (cached)
+poisoned = data_attack.poison(train)                 Threat-2: poisoned downstream set + poison_idx
+model    = defense.train(encoder, poisoned.train)    the defense owns downstream training
+metrics  = evaluate(model, test, triggers)           ACC, ASR per distinct trigger
+row      -> results/raw/<run_id>.json                one JSON row, atomically
 """
 
 from __future__ import annotations
@@ -39,23 +39,43 @@ def timed(timings: dict[str, float], phase: str):
         timings[phase] = round(time.perf_counter() - t0, 3)
 
 
-def triggers_in_play(data_attack: DataAttack, encoder_attack: EncoderAttack, cfg: DictConfig) -> list[TriggerEval]:
+def triggers_in_play(
+    data_attack: DataAttack, encoder_attack: EncoderAttack, cfg: DictConfig
+) -> list[TriggerEval]:
     """One entry per distinct trigger; Threat-3 with a shared trigger and target gives one ASR."""
     out: list[TriggerEval] = []
     d_trig = plain(cfg.data_attack.get("trigger")) if data_attack.trigger is not None else None
     e_trig = plain(cfg.encoder_attack.get("trigger")) if encoder_attack.trigger is not None else None
     shared = d_trig is not None and d_trig == e_trig and data_attack.target == encoder_attack.target
     if data_attack.trigger is not None:
-        out.append(TriggerEval("shared" if shared else "data", data_attack.apply_test, data_attack.target,
-                               data_attack.asr_mask, data_attack.asr_definition))
+        out.append(
+            TriggerEval(
+                "shared" if shared else "data",
+                data_attack.apply_test,
+                data_attack.target,
+                data_attack.asr_mask,
+                data_attack.asr_definition,
+            )
+        )
     if encoder_attack.trigger is not None and not shared:
-        out.append(TriggerEval("encoder", encoder_attack.apply_test, encoder_attack.target,
-                               encoder_attack.asr_mask, encoder_attack.asr_definition))
+        out.append(
+            TriggerEval(
+                "encoder",
+                encoder_attack.apply_test,
+                encoder_attack.target,
+                encoder_attack.asr_mask,
+                encoder_attack.asr_definition,
+            )
+        )
     if not out:
         # A clean run still reports the ASR of a reference trigger: the floor an attack must beat.
         ref_trigger = build(cfg.eval.reference_trigger)
         target = int(cfg.eval.reference_target)
-        out.append(TriggerEval("reference", ref_trigger.apply, target, lambda y: y != target, "non-target test samples"))
+        out.append(
+            TriggerEval(
+                "reference", ref_trigger.apply, target, lambda y: y != target, "non-target test samples"
+            )
+        )
     return out
 
 
@@ -64,7 +84,9 @@ def set_seed(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def run(cfg: DictConfig, choices: dict[str, str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def run(
+    cfg: DictConfig, choices: dict[str, str] | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     """Execute one cell and return its row (also written to `${paths.results_dir}/raw/<run_id>.json`)."""
     choices = choices or results.choices_of(cfg)
     run_id = results.run_id(cfg, choices)
@@ -88,13 +110,19 @@ def run(cfg: DictConfig, choices: dict[str, str] | None = None, overrides: list[
     with timed(timings, "data"):
         splits: Splits = build(cfg.dataset)
     validate_targets(splits.num_classes, data_attack, encoder_attack)
-    ctx = RunContext(device=device, seed=int(cfg.seed), num_classes=splits.num_classes,
-                     cache=Cache(cfg.paths.cache_dir, enabled=bool(cfg.cache)), progress=bool(cfg.progress))
+    ctx = RunContext(
+        device=device,
+        seed=int(cfg.seed),
+        num_classes=splits.num_classes,
+        cache=Cache(cfg.paths.cache_dir, enabled=bool(cfg.cache)),
+        progress=bool(cfg.progress),
+    )
 
     logger.start(results.resolved(cfg), run_id, choices)
     with timed(timings, "encoder"):
-        encoder, cache_keys = obtain(encoder_spec, splits.pretrain, encoder_attack, cfg.encoder_attack, ctx,
-                                     reference=splits.reference)
+        encoder, cache_keys = obtain(
+            encoder_spec, splits.pretrain, encoder_attack, cfg.encoder_attack, ctx, reference=splits.reference
+        )
     with timed(timings, "poison"):
         poisoned = data_attack.poison(splits.train, ctx.generator(salt=1))
     set_seed(int(cfg.seed))
@@ -113,7 +141,13 @@ def run(cfg: DictConfig, choices: dict[str, str] | None = None, overrides: list[
     results.write_row(raw_dir, row)
     logger.log(metrics | {f"time/{k}": v for k, v in timings.items()})
     logger.finish()
-    log.info("run %s: ACC %.2f%%  ASR %.2f%% (%s)", run_id, 100 * metrics["acc"], 100 * metrics["asr"], metrics["asr_source"])
+    log.info(
+        "run %s: ACC %.2f%%  ASR %.2f%% (%s)",
+        run_id,
+        100 * metrics["acc"],
+        100 * metrics["asr"],
+        metrics["asr_source"],
+    )
     return row
 
 

@@ -34,7 +34,14 @@ _MEMO_MAX = 16
 
 
 @torch.no_grad()
-def batched_forward(fn, images: Tensor, device: torch.device, batch: int = 512, desc: str | None = None, progress: bool = False) -> Tensor:
+def batched_forward(
+    fn,
+    images: Tensor,
+    device: torch.device,
+    batch: int = 512,
+    desc: str | None = None,
+    progress: bool = False,
+) -> Tensor:
     """Apply `fn` to uint8 or float images in batches, results on CPU."""
     outs = []
     for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
@@ -49,7 +56,9 @@ def memo_forward(encoder: nn.Module, images: Tensor, ctx: RunContext, stop: int 
         was_training = encoder.training
         encoder.eval().to(ctx.device)
         fn = encoder if stop is None else (lambda x: encoder.forward_until(x, stop))
-        _MEMO[key] = batched_forward(fn, images, ctx.device, desc="features", progress=ctx.progress and len(images) > 5000)
+        _MEMO[key] = batched_forward(
+            fn, images, ctx.device, desc="features", progress=ctx.progress and len(images) > 5000
+        )
         encoder.train(was_training)
         while len(_MEMO) > _MEMO_MAX:
             _MEMO.pop(next(iter(_MEMO)))
@@ -97,8 +106,12 @@ def flip_crop(x: Tensor, pad: int = 4, g: torch.Generator | None = None) -> Tens
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     rows = (dy.view(n, 1) + torch.arange(h)).to(x.device)
     cols = (dx.view(n, 1) + torch.arange(w)).to(x.device)
-    out = xp[torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1),
-             rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    out = xp[
+        torch.arange(n, device=x.device).view(n, 1, 1, 1),
+        torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1),
+        rows.view(n, 1, h, 1),
+        cols.view(n, 1, 1, w),
+    ]
     flip = (torch.rand(n, generator=g) < 0.5).to(x.device).view(n, 1, 1, 1)
     return torch.where(flip, out.flip(-1), out)
 
@@ -164,7 +177,9 @@ class Probe:
         if self.frozen:
             feats = memo_forward(encoder, train.x, ctx)
             head = make_head(self.kind, feats, ctx.num_classes, self.hidden).to(ctx.device)
-            self._train_loop(head, feats, train.y, ctx, epochs, g, [{"params": head.parameters(), "lr": self.lr}])
+            self._train_loop(
+                head, feats, train.y, ctx, epochs, g, [{"params": head.parameters(), "lr": self.lr}]
+            )
             return Model(encoder, head).eval()
         n_top = {"last_stage": 1, "last2": 2}.get(self.trainable)
         if n_top is not None and hasattr(encoder, "stages") and len(encoder.stages) > n_top:
@@ -175,7 +190,10 @@ class Probe:
                 feats = batched_forward(lambda h: encoder.forward_from(h, start), acts, ctx.device)
             head = make_head(self.head, feats, ctx.num_classes, self.hidden)
             tail = _Tail(encoder, start, head).to(ctx.device)
-            groups = [{"params": tail.stages.parameters(), "lr": self.encoder_lr}, {"params": head.parameters(), "lr": self.lr}]
+            groups = [
+                {"params": tail.stages.parameters(), "lr": self.encoder_lr},
+                {"params": head.parameters(), "lr": self.lr},
+            ]
             self._train_loop(tail, acts, train.y, ctx, epochs, g, groups)
             for i, stage in enumerate(tail.stages):
                 encoder.stages[start + i] = stage
@@ -185,17 +203,34 @@ class Probe:
         encoder = trainable_copy(encoder)
         head = make_head(self.head, feats, ctx.num_classes, self.hidden)
         model = Model(encoder, head).to(ctx.device)
-        groups = [{"params": encoder.parameters(), "lr": self.encoder_lr}, {"params": head.parameters(), "lr": self.lr}]
+        groups = [
+            {"params": encoder.parameters(), "lr": self.encoder_lr},
+            {"params": head.parameters(), "lr": self.lr},
+        ]
         self._train_loop(model, train.x, train.y, ctx, epochs, g, groups, images=True)
         return model.eval()
 
     # ------------------------------------------------------------------ internals
-    def _train_loop(self, module: nn.Module, inputs: Tensor, y: Tensor, ctx: RunContext, epochs: int,
-                    g: torch.Generator, groups: list[dict], images: bool = False) -> None:
+    def _train_loop(
+        self,
+        module: nn.Module,
+        inputs: Tensor,
+        y: Tensor,
+        ctx: RunContext,
+        epochs: int,
+        g: torch.Generator,
+        groups: list[dict],
+        images: bool = False,
+    ) -> None:
         opt = torch.optim.Adam(groups, weight_decay=self.weight_decay)
         n, bs = len(y), self.batch_size
         module.train()
-        bar = tqdm(range(epochs), desc=f"probe[{self.kind}]", disable=not ctx.progress or epochs * n < 200_000, leave=False)
+        bar = tqdm(
+            range(epochs),
+            desc=f"probe[{self.kind}]",
+            disable=not ctx.progress or epochs * n < 200_000,
+            leave=False,
+        )
         for _ in bar:
             perm = torch.randperm(n, generator=g)
             for s in range(0, n, bs):

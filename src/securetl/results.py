@@ -72,8 +72,13 @@ def load_row(raw_dir: Path, rid: str) -> dict | None:
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -109,12 +114,23 @@ def decision_diagnostics(decisions: dict[str, Any], poisoned: Poisoned, n: int) 
         kept[torch.as_tensor(decisions["kept_idx"], dtype=torch.long)] = True
         removed = ~kept
         out["detector/tpr"] = float(removed[is_poison].float().mean())
-        out["detector/fpr"] = float(removed[~is_poison].float().mean()) if (~is_poison).any() else float("nan")
+        out["detector/fpr"] = (
+            float(removed[~is_poison].float().mean()) if (~is_poison).any() else float("nan")
+        )
     return out
 
 
-def make_row(cfg: DictConfig, rid: str, choices: dict[str, str], metrics: dict, diagnostics: dict,
-             timings: dict, device: torch.device, cache_keys: dict, overrides: list[str] | None) -> dict[str, Any]:
+def make_row(
+    cfg: DictConfig,
+    rid: str,
+    choices: dict[str, str],
+    metrics: dict,
+    diagnostics: dict,
+    timings: dict,
+    device: torch.device,
+    cache_keys: dict,
+    overrides: list[str] | None,
+) -> dict[str, Any]:
     return {
         "run_id": rid,
         "choices": choices,

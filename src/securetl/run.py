@@ -28,8 +28,7 @@ def app(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     try:
-        row = pipeline.run(cfg, choices=results.choices_of(cfg),
-                           overrides=list(hc.overrides.task))
+        row = pipeline.run(cfg, choices=results.choices_of(cfg), overrides=list(hc.overrides.task))
     except ConfigError as e:
         log.error("%s", e)
         print(f"securetl: error: {e}", file=sys.stderr)
@@ -39,7 +38,9 @@ def app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     if not (CONF_DIR / "run.yaml").exists():
-        sys.exit(f"securetl: cannot find its configs at {CONF_DIR}; install the package editable (pip install -e .)")
+        sys.exit(
+            f"securetl: cannot find its configs at {CONF_DIR}; install the package editable (pip install -e .)"
+        )
     app()
 
 

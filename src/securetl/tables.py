@@ -38,7 +38,10 @@ def load_preset(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
     cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
     report = cfg.get("report") or {}
     sweep = ((cfg.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
-    return {"report": report, "sweep": {k: [v.strip() for v in str(val).split(",")] for k, val in sweep.items()}}
+    return {
+        "report": report,
+        "sweep": {k: [v.strip() for v in str(val).split(",")] for k, val in sweep.items()},
+    }
 
 
 def flatten(rows: list[dict]) -> pd.DataFrame:
@@ -85,7 +88,9 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
         df = df[df["seed"].astype(str).isin(sweep["seed"])]
     keys = rows + cols
     missing: list[str] = []
-    grid_axes = [sweep.get(k) or sorted(df[k].astype(str).unique()) if k in df or k in sweep else [] for k in keys]
+    grid_axes = [
+        sweep.get(k) or sorted(df[k].astype(str).unique()) if k in df or k in sweep else [] for k in keys
+    ]
     seeds = sweep.get("seed", ["0"])
     for cell in itertools.product(*grid_axes):
         sel = df
@@ -108,7 +113,10 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
         ]
     if cols:
         disp = disp.unstack(cols)
-        disp.columns = [" ".join(str(c) for c in col[::-1]) if isinstance(col, tuple) else str(col) for col in disp.columns]
+        disp.columns = [
+            " ".join(str(c) for c in col[::-1]) if isinstance(col, tuple) else str(col)
+            for col in disp.columns
+        ]
         # order columns by the sweep's order of the column group, then metric
         disp = disp[sorted(disp.columns, key=lambda c: _col_order(c, cols, sweep, present))]
     return disp, missing, long
@@ -130,14 +138,24 @@ def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Pat
     report, sweep = preset["report"], preset["sweep"]
     rows = read_rows(Path(results_dir) / "raw")
     if not rows:
-        raise SystemExit(f"securetl-table: no rows under {Path(results_dir) / 'raw'}; run `securetl table={name}` first")
+        raise SystemExit(
+            f"securetl-table: no rows under {Path(results_dir) / 'raw'}; run `securetl table={name}` first"
+        )
     disp, missing, long = build_table(flatten(rows), report, sweep)
     out_dir = Path(out_dir or Path(results_dir) / "tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     title = report.get("title", name)
     n_seeds = len(sweep.get("seed", ["0"]))
-    note = f"ACC and ASR in %, mean ± std over {n_seeds} seed(s)." if n_seeds > 1 else "ACC and ASR in %, one seed."
-    md = f"### {title}\n\n{note}\n\n" + (disp.reset_index().to_markdown(index=False) if len(disp) else "_no matching rows_") + "\n"
+    note = (
+        f"ACC and ASR in %, mean ± std over {n_seeds} seed(s)."
+        if n_seeds > 1
+        else "ACC and ASR in %, one seed."
+    )
+    md = (
+        f"### {title}\n\n{note}\n\n"
+        + (disp.reset_index().to_markdown(index=False) if len(disp) else "_no matching rows_")
+        + "\n"
+    )
     if missing:
         md += f"\nMissing cells ({len(missing)}):\n" + "".join(f"- {m}\n" for m in missing)
     (out_dir / f"{name}.md").write_text(md)

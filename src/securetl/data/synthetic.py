@@ -61,9 +61,7 @@ def _shape_sdf(cls: Tensor, u: Tensor, v: Tensor, r: Tensor) -> Tensor:
         0: rad - r,
         1: torch.maximum(au, av) - 0.85 * r,
         2: torch.maximum(au * 0.866 + v * 0.5, -v) - 0.5 * r,
-        3: torch.minimum(
-            torch.maximum(au - 0.3 * r, av - r), torch.maximum(au - r, av - 0.3 * r)
-        ),
+        3: torch.minimum(torch.maximum(au - 0.3 * r, av - r), torch.maximum(au - r, av - 0.3 * r)),
         4: (rad - 0.75 * r).abs() - 0.25 * r,
         5: au + av - 1.1 * r,
         6: None,  # the plus rotated by 45 degrees, below
@@ -114,7 +112,12 @@ def _fill_pattern(cls: Tensor, size: int, cx: Tensor, cy: Tensor) -> Tensor:
 
 
 def _draw_shapes(
-    cls: Tensor, n: int, size: int, g: torch.Generator, scale: tuple[float, float], spread: float,
+    cls: Tensor,
+    n: int,
+    size: int,
+    g: torch.Generator,
+    scale: tuple[float, float],
+    spread: float,
     max_rotation: float = 25.0,
 ) -> Tensor:
     """Soft masks (N, 1, H, W) of shapes with random pose."""
@@ -133,7 +136,9 @@ def _draw_shapes(
     return torch.sigmoid(-sdf * size / 2.0).unsqueeze(1), cx, cy
 
 
-def _background(domain: str, n: int, size: int, g: torch.Generator, palette: Tensor, bg_contrast: float) -> Tensor:
+def _background(
+    domain: str, n: int, size: int, g: torch.Generator, palette: Tensor, bg_contrast: float
+) -> Tensor:
     """Domain-specific background between two palette colours, (N, 3, H, W) in [0, 1]."""
     lin = torch.linspace(0, 1, size)
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
@@ -142,14 +147,18 @@ def _background(domain: str, n: int, size: int, g: torch.Generator, palette: Ten
     c2 = c1 + (_pick(palette, n, g) - c1) * bg_contrast
     if domain == "pretrain":
         # a smooth linear gradient in a random direction ("sky-like" backgrounds)
-        ang = (torch.rand(n, 1, 1, generator=g) * 2 * math.pi)
+        ang = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
         t = 0.5 + 0.5 * ((xx[None] - 0.5) * torch.cos(ang) + (yy[None] - 0.5) * torch.sin(ang)) * 1.4
     elif domain == "downstream":
         # blotchy cloud texture from upsampled noise: a different style from the pre-training domain
         coarse = torch.rand(n, 1, 4, 4, generator=g)
         fine = torch.rand(n, 1, 8, 8, generator=g)
-        t = 0.7 * torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)
-        t = t + 0.3 * torch.nn.functional.interpolate(fine, size=(size, size), mode="bilinear", align_corners=True)
+        t = 0.7 * torch.nn.functional.interpolate(
+            coarse, size=(size, size), mode="bicubic", align_corners=True
+        )
+        t = t + 0.3 * torch.nn.functional.interpolate(
+            fine, size=(size, size), mode="bilinear", align_corners=True
+        )
         t = t.squeeze(1)
     else:
         raise ValueError(f"unknown synthetic domain {domain!r}; choose from {DOMAINS}")

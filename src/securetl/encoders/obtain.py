@@ -59,7 +59,9 @@ class EncoderSpec:
             if v is not None:
                 v = [float(a) for a in v]
                 if len(v) != 3 or (k == "std" and min(v) <= 0):
-                    raise ValueError(f"encoder.{k} must be 3 numbers (per RGB channel){', all > 0' if k == 'std' else ''}, got {v}")
+                    raise ValueError(
+                        f"encoder.{k} must be 3 numbers (per RGB channel){', all > 0' if k == 'std' else ''}, got {v}"
+                    )
                 setattr(self, k, v)
 
     def build(self) -> Encoder:
@@ -91,14 +93,18 @@ def obtain(
     if spec.checkpoint:
         load_checkpoint(encoder, spec.checkpoint, spec.checkpoint_prefix)
         # keyed by the file's content and the settings that shape the encoder, not by the path
-        shape = {k: v for k, v in asdict(spec).items() if k in ("arch", "width", "timm_kwargs", "mean", "std")}
+        shape = {
+            k: v for k, v in asdict(spec).items() if k in ("arch", "width", "timm_kwargs", "mean", "std")
+        }
         keys["encoder"] = config_hash("checkpoint", file_digest(spec.checkpoint), shape)
         keys["checkpoint"] = str(spec.checkpoint)
     else:
         if pretrain_set is None:
             raise ValueError("this dataset has no pre-training split; set encoder.checkpoint=PATH")
         poisons_pretraining = attack.kind == "pretrain_data"
-        key = config_hash("encoder", asdict(spec), digest(pretrain_set.x), attack_cfg if poisons_pretraining else None)
+        key = config_hash(
+            "encoder", asdict(spec), digest(pretrain_set.x), attack_cfg if poisons_pretraining else None
+        )
         keys["encoder"] = key
         state = cache.load_state("encoder", key) if cache else None
         if state is not None:
@@ -108,14 +114,27 @@ def obtain(
             if poisons_pretraining:
                 images = attack.poison_pretraining(pretrain_set, torch.Generator().manual_seed(spec.seed))
             encoder, history = pretrain(
-                encoder.to(ctx.device), images.x, ctx, ssl=spec.ssl, epochs=spec.epochs, batch_size=spec.batch_size,
-                lr=spec.lr, weight_decay=spec.weight_decay, seed=spec.seed, augment=spec.augment, method_kwargs=spec.method,
+                encoder.to(ctx.device),
+                images.x,
+                ctx,
+                ssl=spec.ssl,
+                epochs=spec.epochs,
+                batch_size=spec.batch_size,
+                lr=spec.lr,
+                weight_decay=spec.weight_decay,
+                seed=spec.seed,
+                augment=spec.augment,
+                method_kwargs=spec.method,
             )
             if cache:
-                cache.save_state("encoder", key, encoder.state_dict(), {"spec": asdict(spec), "loss": history})
+                cache.save_state(
+                    "encoder", key, encoder.state_dict(), {"spec": asdict(spec), "loss": history}
+                )
     encoder = encoder.eval().to(ctx.device)
     if attack.kind == "finetune":
-        key = config_hash("implanted", keys["encoder"], attack_cfg, digest(reference.x) if reference is not None else None)
+        key = config_hash(
+            "implanted", keys["encoder"], attack_cfg, digest(reference.x) if reference is not None else None
+        )
         keys["implanted"] = key
         state = cache.load_state("implanted", key) if cache else None
         if state is not None:
@@ -127,8 +146,12 @@ def obtain(
             encoder = attack.implant(encoder, pretrain_set, ctx, reference=reference)
             diag = {k: v for k, v in ctx.diagnostics.items() if k not in before}
             if cache:
-                cache.save_state("implanted", key, encoder.state_dict(),
-                                 {"attack": attack_cfg and str(attack_cfg), "diagnostics": diag})
+                cache.save_state(
+                    "implanted",
+                    key,
+                    encoder.state_dict(),
+                    {"attack": attack_cfg and str(attack_cfg), "diagnostics": diag},
+                )
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder.eval(), keys

@@ -67,7 +67,10 @@ def cifar_resnet18(width: int = 64) -> Encoder:
     if width < 4:
         raise ValueError(f"encoder.width must be >= 4, got {width}")
     stage_args, _ = make_blocks(
-        (BasicBlock,) * 4, channels=(width, 2 * width, 4 * width, 8 * width), block_repeats=(2, 2, 2, 2), inplanes=width
+        (BasicBlock,) * 4,
+        channels=(width, 2 * width, 4 * width, 8 * width),
+        block_repeats=(2, 2, 2, 2),
+        inplanes=width,
     )
     layers = [m for _, m in stage_args]
     stem = nn.Sequential(

@@ -38,7 +38,9 @@ def pretrain(
     g = torch.Generator().manual_seed(seed)
     method = build_method(ssl, encoder, **(method_kwargs or {})).to(ctx.device)
     aug = SimCLRAugment(**(augment or {}))
-    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(
+        [p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
     n = len(images)
     steps = max(1, n // batch_size)  # drop the last partial batch: BatchNorm and NT-Xent want full batches
     history = []

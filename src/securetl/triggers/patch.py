@@ -33,7 +33,12 @@ class PatchTrigger(Trigger):
     """
 
     def __init__(
-        self, size: int = 3, pattern: str = "checkerboard", location: str = "bottom_right", margin: int = 0, seed: int = 0
+        self,
+        size: int = 3,
+        pattern: str = "checkerboard",
+        location: str = "bottom_right",
+        margin: int = 0,
+        seed: int = 0,
     ) -> None:
         if size < 1:
             raise ValueError(f"trigger.size must be >= 1, got {size}")
