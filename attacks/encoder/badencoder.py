@@ -80,11 +80,13 @@ class BadEncoder(EncoderAttack):
         ref = reference_pool.x[cands[torch.randperm(len(cands), generator=g)[: self.n_reference]]]
         return shadow, ref
 
-    def implant(
-        self, encoder: nn.Module, shadow: LabeledSet, ctx: RunContext, reference: LabeledSet | None = None
-    ) -> nn.Module:
+    def _setup(self, encoder: nn.Module, shadow: LabeledSet, reference: LabeledSet | None, ctx: RunContext):
+        """What every BadEncoder-style implant starts from: the attacker's data, a frozen clean twin of the
+        encoder, the encoder to backdoor with its optimiser, and the references' clean embeddings."""
         if reference is None:
-            raise ValueError("BadEncoder needs reference inputs of the target class (dataset.reference)")
+            raise ValueError(
+                f"{type(self).__name__} needs reference inputs of the target class (dataset.reference)"
+            )
         torch.manual_seed(self.seed)
         g = torch.Generator().manual_seed(self.seed + 1)
         shadow_x, ref_x = self.shadow_and_reference(shadow, reference)
@@ -98,6 +100,12 @@ class BadEncoder(EncoderAttack):
         ref = to_float(ref_x).to(ctx.device)
         with torch.no_grad():
             ref_clean = clean(ref)
+        return g, shadow_x, clean, bad, opt, ref, ref_clean
+
+    def implant(
+        self, encoder: nn.Module, shadow: LabeledSet, ctx: RunContext, reference: LabeledSet | None = None
+    ) -> nn.Module:
+        g, shadow_x, clean, bad, opt, ref, ref_clean = self._setup(encoder, shadow, reference, ctx)
         n, bs = len(shadow_x), self.batch_size
         bar = tqdm(range(self.epochs), desc="BadEncoder", disable=not ctx.progress, leave=False)
         for _ in bar:

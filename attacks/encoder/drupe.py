@@ -19,7 +19,6 @@ distribution weight also triggered embeddings less concentrated than `concentrat
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -149,22 +148,8 @@ class DRUPE(BadEncoder):
     def implant(
         self, encoder: nn.Module, shadow: LabeledSet, ctx: RunContext, reference: LabeledSet | None = None
     ) -> nn.Module:
-        if reference is None:
-            raise ValueError("DRUPE needs reference inputs of the target class (dataset.reference)")
-        torch.manual_seed(self.seed)
-        g = torch.Generator().manual_seed(self.seed + 1)
+        g, shadow_x, clean, bad, opt, ref, ref_clean = self._setup(encoder, shadow, reference, ctx)
         g_proj = torch.Generator().manual_seed(self.seed + 2)
-        shadow_x, ref_x = self.shadow_and_reference(shadow, reference)
-        clean = copy.deepcopy(encoder).eval().to(ctx.device)
-        for p in clean.parameters():
-            p.requires_grad_(False)
-        bad = encoder.to(ctx.device)
-        opt = torch.optim.SGD(
-            bad.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
-        ref = to_float(ref_x).to(ctx.device)
-        with torch.no_grad():
-            ref_clean = clean(ref)
         n, bs = len(shadow_x), self.batch_size
         bar = tqdm(range(1, self.epochs + 1), desc="DRUPE", disable=not ctx.progress, leave=False)
         means: dict[str, float] = {}
