@@ -79,6 +79,7 @@ class TCore(Defense):
         k: int = 10,
         eps_quantile: float = 0.5,
         min_samples: int = 5,
+        density_ceiling: float = 0.1,
         # phase 2: seed expansion
         lam: float = 20.0,
         expansion_fractions: tuple[float, ...] = (0.15, 0.3, 0.45),
@@ -89,10 +90,10 @@ class TCore(Defense):
         fit_epochs: int = 10,
         unlearn_threshold: float = 0.2,
         unlearn_lr: float = 0.01,
-        recover_epochs: int = 10,
+        recover_epochs: int = 20,
         recover_lr: float = 0.05,
-        mask_l1: float = 1e-4,
-        sigma: float = 0.5,
+        mask_l1: float = 1e-2,
+        sigma: float = 0.7,
         trusted_from: str = "pretrained",
         chi_lr_scale: float = 1.0,
         # phase 4: bootstrapping
@@ -101,7 +102,7 @@ class TCore(Defense):
         meta_guided_steps: int = 2,
         epochs_per_step: int = 5,
         meta_epochs: int = 1,
-        final_epochs: int = 10,
+        final_epochs: int = 20,
         lr: float = 1e-3,
         batch_size: int = 128,
         weight_decay: float = 5e-4,
@@ -115,6 +116,8 @@ class TCore(Defense):
         ):
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"defense.{name}={v} must lie in (0, 1]")
+        if not 0.0 <= density_ceiling < 1.0:
+            raise ValueError(f"defense.density_ceiling={density_ceiling} must lie in [0, 1)")
         if trusted_from not in ("fitted", "pretrained"):
             raise ValueError(f"defense.trusted_from={trusted_from!r}; choose fitted or pretrained")
         if any(not 0.0 < f <= 1.0 for f in expansion_fractions):
@@ -143,7 +146,15 @@ class TCore(Defense):
             tis_feats = [layers[i] for i in self.tis_layers]
             if self.tis_logits:
                 tis_feats.append(self._reference_logits(feats, y, c, g))
-            res = sift(tis_feats, y, self.alpha, self.k, self.eps_quantile, self.min_samples)
+            res = sift(
+                tis_feats,
+                y,
+                self.alpha,
+                self.k,
+                self.eps_quantile,
+                self.min_samples,
+                density_ceiling=self.density_ceiling,
+            )
             seed = res.seed_idx
             self.decisions["tis_majority_idx"] = res.majority_idx
         else:
