@@ -35,6 +35,20 @@ def test_tis_keeps_clean_and_drops_an_off_cluster_minority():
     assert len(res.majority_idx) >= 0.25 * (len(y) - 8)
 
 
+def test_density_ceiling_keeps_a_tight_planted_group_out_of_the_seed():
+    x, y, g = blobs()
+    # 8 % of the data, labelled class 0, shares a "trigger" that makes it far tighter than any real class
+    planted = torch.arange(0, 15)
+    x[planted] = 6.0 + 0.01 * torch.randn(15, x.shape[1], generator=g)
+    layers = [x, x @ torch.randn(8, 8, generator=g), torch.tanh(x)]
+    kw = dict(alpha=0.2, k=5, eps_quantile=0.5, min_samples=4)
+    plain = sift(layers, y, **kw)
+    assert set(planted.tolist()) & set(plain.seed_idx.tolist())  # the two rules alone pick the tight group
+    guarded = sift(layers, y, density_ceiling=0.1, **kw)
+    assert not set(planted.tolist()) & set(guarded.seed_idx.tolist())
+    assert len(guarded.seed_idx) == len(plain.seed_idx)  # seed sizes still follow alpha of each class
+
+
 def test_confusion_training_ranks_shortcut_samples_lowest_loss():
     g = torch.Generator().manual_seed(0)
     n, c, d = 600, 4, 16
