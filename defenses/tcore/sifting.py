@@ -36,14 +36,20 @@ def _normalise(f: np.ndarray) -> np.ndarray:
     return f / np.clip(np.linalg.norm(f, axis=1, keepdims=True), 1e-12, None)
 
 
+def neighbours(f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and indices of each sample's k nearest neighbours, itself excluded (k capped at n - 1)."""
+    k = min(k, len(f) - 1)
+    dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(f).kneighbors(f)
+    return dist[:, 1:], idx[:, 1:]
+
+
 def largest_cluster(f: np.ndarray, eps_quantile: float, min_samples: int) -> np.ndarray:
     """Boolean mask of the largest DBSCAN cluster. eps = a quantile of the k-NN distances (k = min_samples),
     so the density threshold adapts to each class and layer instead of being one magic number."""
     n = len(f)
     if n <= min_samples:
         return np.ones(n, dtype=bool)
-    nn = NearestNeighbors(n_neighbors=min_samples + 1).fit(f)
-    dist, _ = nn.kneighbors(f)
+    dist, _ = neighbours(f, min_samples)
     eps = float(np.quantile(dist[:, -1], eps_quantile))
     labels = DBSCAN(eps=max(eps, 1e-6), min_samples=min_samples).fit_predict(f)
     valid = labels[labels >= 0]
@@ -54,11 +60,9 @@ def largest_cluster(f: np.ndarray, eps_quantile: float, min_samples: int) -> np.
 
 def knn_distance(f: np.ndarray, k: int) -> np.ndarray:
     """Mean distance of each sample to its k nearest neighbours (itself excluded)."""
-    k = min(k, len(f) - 1)
-    if k <= 0:
+    if min(k, len(f) - 1) <= 0:
         return np.zeros(len(f))
-    dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(f).kneighbors(f)
-    return dist[:, 1:].mean(1)
+    return neighbours(f, k)[0].mean(1)
 
 
 def not_abnormally_dense(feats: list[np.ndarray], y: np.ndarray, k: int, quantile: float) -> np.ndarray:
@@ -84,8 +88,7 @@ def consistency_scores(layers: list[np.ndarray], k: int) -> np.ndarray:
         return np.zeros(n)
     common = None
     for f in layers:
-        _, idx = NearestNeighbors(n_neighbors=k + 1).fit(f).kneighbors(f)
-        neigh = idx[:, 1:]  # drop the sample itself
+        _, neigh = neighbours(f, k)
         member = np.zeros((n, n), dtype=bool)
         member[np.repeat(np.arange(n), k), neigh.ravel()] = True
         common = member if common is None else common & member
@@ -111,10 +114,10 @@ def sift(
     passed: list[np.ndarray] = []
     candidate = not_abnormally_dense(feats, y, k, density_ceiling)
     for c in np.unique(y):
-        n_class = int((y == c).sum())
-        idx = np.nonzero((y == c) & candidate)[0]
+        members = np.nonzero(y == c)[0]
+        idx = members[candidate[members]]
         if len(idx) < min_per_class:  # everything in the class was abnormally dense: use it all
-            idx = np.nonzero(y == c)[0]
+            idx = members
         keep = np.ones(len(idx), dtype=bool)
         if majority:
             for f in feats:
@@ -125,7 +128,7 @@ def sift(
         passed.append(kept)
         s = consistency_scores([f[kept] for f in feats], k)
         scores[kept] = s
-        n_take = max(min_per_class, int(round(alpha * n_class)))
+        n_take = max(min_per_class, int(round(alpha * len(members))))
         order = np.argsort(-s, kind="stable")
         seed.append(kept[order[:n_take]])
     seed_idx = torch.from_numpy(np.sort(np.concatenate(seed))).long()
