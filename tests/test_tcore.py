@@ -136,9 +136,30 @@ def test_bootstrap_pool_grows_monotonically_to_rho_n():
     )
     sizes = [40] + [len(s["pool"]) for s in res.steps]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
-    assert len(res.pool_idx) == round(0.8 * n)
+    assert len(res.pool_idx) == round(0.8 * n)  # quota="global": the paper's rho |D|
     assert set(start.tolist()) <= set(res.pool_idx.tolist())
     assert [s["kind"] for s in res.steps] == ["loss", "loss", "meta", "meta"]
+
+
+def test_balanced_quota_reaches_rho_n_on_balanced_data_and_caps_an_inflated_class():
+    g = torch.Generator().manual_seed(0)
+    _, tail = _tail()
+    per, c = 30, 3
+    y = torch.arange(c).repeat_interleave(per)
+    y = torch.cat([y, torch.zeros(per, dtype=torch.long)])  # class 0 doubled, as dirty-label poison does
+    acts = torch.randn(len(y), 16, 8, 8, generator=g)
+    start = torch.cat([torch.nonzero(y == k).squeeze(1)[:5] for k in range(c)])
+    kw = dict(
+        rho=0.8, loss_guided_steps=1, meta_guided_steps=1, epochs_per_step=1, meta_epochs=1, final_epochs=1
+    )
+    res = bootstrap(tail, acts, y, start, Trainer(None, 1e-3, 32), g, quota="balanced", **kw)
+    counts = torch.bincount(y[res.pool_idx], minlength=c)
+    assert counts.tolist() == [round(0.8 * per)] * c  # every class at rho * the median size, class 0 included
+    sizes = [len(start)] + [len(s["pool"]) for s in res.steps]
+    assert sizes == sorted(sizes)
+    assert set(start.tolist()) <= set(res.pool_idx.tolist())
+    glob = bootstrap(_tail()[1], acts, y, start, Trainer(None, 1e-3, 32), g, quota="global", **kw)
+    assert len(glob.pool_idx) == round(0.8 * len(y))  # global: rho |D|, the inflated class may take more
 
 
 class Spy(Defense):
@@ -195,4 +216,6 @@ def test_tcore_runs_end_to_end_and_reports_diagnostics(compose_cfg):
         "pool_step1_loss/purity",
     ):
         assert key in d, key
-    assert d["kept/size"] == round(0.8 * 300)
+    # pool_quota=balanced: each class up to rho * the median class size, so BadNets' inflated target class
+    # is capped and the pool stays at or under rho |D|
+    assert 0.6 * 300 <= d["kept/size"] <= round(0.8 * 300)

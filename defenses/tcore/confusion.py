@@ -66,12 +66,14 @@ def expand_seed(
     num_classes: int,
     g: torch.Generator,
     fractions: tuple[float, ...] = (0.15, 0.3, 0.45),
+    exclude: Tensor | None = None,
     **kw,
 ) -> ExpansionResult:
     """Grow the seed in rounds: after round r each class holds its highest-loss samples, as many as
     `fractions[r]` of the MEDIAN class size (plus the seed). Counting from the median keeps the subset
     balanced: a dirty-label attack inflates its target class, and a per-class fraction would draw
-    proportionally more from exactly the class that holds the poison. Features are standardised here."""
+    proportionally more from exactly the class that holds the poison. Features are standardised here.
+    `exclude`: samples that may not join (TIS's abnormally dense ones), unless a class would have none left."""
     f = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
     subset = seed_idx.clone()
     rounds = []
@@ -83,6 +85,9 @@ def expand_seed(
             idx = torch.nonzero(y == c).squeeze(1)
             if len(idx) == 0:
                 continue
+            if exclude is not None:
+                allowed = idx[~torch.isin(idx, exclude)]
+                idx = allowed if len(allowed) > 0 else idx
             k = min(len(idx), int(round(frac * median)))
             chosen.append(idx[torch.argsort(loss[idx], descending=True)[:k]])
         subset = torch.unique(torch.cat(chosen))

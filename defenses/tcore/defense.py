@@ -80,6 +80,7 @@ class TCore(Defense):
         eps_quantile: float = 0.5,
         min_samples: int = 5,
         density_ceiling: float = 0.1,
+        expansion_skips_dense: bool = True,
         # phase 2: seed expansion
         lam: float = 20.0,
         expansion_fractions: tuple[float, ...] = (0.15, 0.3, 0.45),
@@ -98,11 +99,13 @@ class TCore(Defense):
         chi_lr_scale: float = 1.0,
         # phase 4: bootstrapping
         rho: float = 0.8,
+        pool_quota: str = "balanced",
         loss_guided_steps: int = 2,
         meta_guided_steps: int = 2,
         epochs_per_step: int = 5,
         meta_epochs: int = 1,
         final_epochs: int = 20,
+        final_cosine: bool = True,
         lr: float = 1e-3,
         batch_size: int = 128,
         weight_decay: float = 5e-4,
@@ -118,6 +121,8 @@ class TCore(Defense):
                 raise ValueError(f"defense.{name}={v} must lie in (0, 1]")
         if not 0.0 <= density_ceiling < 1.0:
             raise ValueError(f"defense.density_ceiling={density_ceiling} must lie in [0, 1)")
+        if pool_quota not in ("global", "balanced"):
+            raise ValueError(f"defense.pool_quota={pool_quota!r}; choose global or balanced")
         if trusted_from not in ("fitted", "pretrained"):
             raise ValueError(f"defense.trusted_from={trusted_from!r}; choose fitted or pretrained")
         if any(not 0.0 < f <= 1.0 for f in expansion_fractions):
@@ -156,9 +161,10 @@ class TCore(Defense):
                 density_ceiling=self.density_ceiling,
             )
             seed = res.seed_idx
+            dense = res.dense_idx if self.expansion_skips_dense else None
             self.decisions["tis_majority_idx"] = res.majority_idx
         else:
-            seed = self._random_per_class(y, self.alpha, g)
+            seed, dense = self._random_per_class(y, self.alpha, g), None
         self.decisions["seed_idx"] = seed
         t["tis"] = time.perf_counter() - t0
 
@@ -177,6 +183,7 @@ class TCore(Defense):
                 c,
                 g,
                 tuple(self.expansion_fractions),
+                exclude=dense,
                 lam=self.lam,
                 epochs=self.confusion_epochs,
                 batch_size=256,
@@ -237,13 +244,17 @@ class TCore(Defense):
                 self.meta_epochs,
                 self.final_epochs,
                 train_stages,
+                self.pool_quota,
+                self.final_cosine,
             )
             pool = res.pool_idx
             for i, step in enumerate(res.steps):
                 self.decisions[f"pool_step{i + 1}_{step['kind']}_idx"] = step["pool"]
         else:
             pool = subset
-            trainer.train(tail, acts[pool], y[pool], self.final_epochs, g, train_stages)
+            trainer.train(
+                tail, acts[pool], y[pool], self.final_epochs, g, train_stages, cosine=self.final_cosine
+            )
         self.decisions["kept_idx"] = pool
         t["bootstrap"] = time.perf_counter() - t0
         self.diagnostics.update({f"time/tcore_{k_}": round(v, 3) for k_, v in t.items()})

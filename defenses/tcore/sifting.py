@@ -30,6 +30,7 @@ class SiftResult:
     seed_idx: Tensor  # indices into the dataset, sorted
     majority_idx: Tensor  # samples that passed the majority rule (all classes)
     scores: Tensor  # consistency score per sample (-1 where the majority rule dropped it)
+    dense_idx: Tensor | None = None  # samples the density ceiling set aside (abnormally tight neighbourhoods)
 
 
 def _normalise(f: np.ndarray) -> np.ndarray:
@@ -133,5 +134,8 @@ def sift(
         seed.append(kept[order[:n_take]])
     seed_idx = torch.from_numpy(np.sort(np.concatenate(seed))).long()
     return SiftResult(
-        seed_idx, torch.from_numpy(np.sort(np.concatenate(passed))).long(), torch.from_numpy(scores).float()
+        seed_idx,
+        torch.from_numpy(np.sort(np.concatenate(passed))).long(),
+        torch.from_numpy(scores).float(),
+        torch.from_numpy(np.nonzero(~candidate)[0]).long(),
     )

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from securetl import results
 from securetl.build import build
 from securetl.cache import Cache, plain
+from securetl.deltas import apply_deltas
 from securetl.encoders.obtain import obtain
 from securetl.interfaces import DataAttack, Defense, EncoderAttack, RunContext, Splits
 from securetl.metrics import TriggerEval, evaluate
@@ -89,6 +90,11 @@ def run(
 ) -> dict[str, Any]:
     """Execute one cell and return its row (also written to `${paths.results_dir}/raw/<run_id>.json`)."""
     choices = choices or results.choices_of(cfg)
+    if overrides is None and "hydra" in cfg:
+        overrides = list(cfg.hydra.overrides.task)
+    deltas = apply_deltas(cfg, choices, overrides or [])
+    if deltas:
+        log.info("dataset deltas (conf/deltas/%s.yaml): %s", choices.get("dataset"), deltas)
     run_id = results.run_id(cfg, choices)
     raw_dir = Path(cfg.paths.results_dir) / "raw"
     if cfg.resume and (existing := results.load_row(raw_dir, run_id)) is not None:
@@ -138,6 +144,7 @@ def run(
     diagnostics["n_poison"] = len(poisoned.poison_idx)
     diagnostics["n_cover"] = len(poisoned.cover_idx)
     row = results.make_row(cfg, run_id, choices, metrics, diagnostics, timings, device, cache_keys, overrides)
+    row["deltas"] = deltas
     results.write_row(raw_dir, row)
     logger.log(metrics | {f"time/{k}": v for k, v in timings.items()})
     logger.finish()

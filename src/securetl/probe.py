@@ -137,7 +137,7 @@ class Probe:
     kind: linear | mlp | finetune; epochs, lr, batch_size, weight_decay; hidden (MLP width);
     head: linear | mlp (the head used by `finetune`); trainable: last_stage | last2 | all (finetune: the
     encoder's top one or two stages, trained on memoised activations, or everything);
-    augment: random crop + flip during `finetune` with trainable=all.
+    augment: random crop + flip during `finetune` with trainable=all; optimizer: adam | sgd (momentum 0.9).
     """
 
     def __init__(
@@ -152,15 +152,18 @@ class Probe:
         trainable: Literal["last_stage", "last2", "all"] = "last_stage",
         encoder_lr: float | None = None,
         augment: bool = True,
+        optimizer: Literal["adam", "sgd"] = "adam",
     ) -> None:
         if kind not in ("linear", "mlp", "finetune"):
             raise ValueError(f"probe.kind={kind!r}; choose linear, mlp or finetune")
         if trainable not in ("last_stage", "last2", "all"):
             raise ValueError(f"probe.trainable={trainable!r}; choose last_stage, last2 or all")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"probe.optimizer={optimizer!r}; choose adam or sgd")
         self.kind, self.epochs, self.lr, self.batch_size = kind, epochs, lr, batch_size
         self.weight_decay, self.hidden, self.head, self.trainable = weight_decay, hidden, head, trainable
         self.encoder_lr = lr if encoder_lr is None else encoder_lr
-        self.augment = augment
+        self.augment, self.optimizer = augment, optimizer
 
     @property
     def frozen(self) -> bool:
@@ -222,7 +225,10 @@ class Probe:
         groups: list[dict],
         images: bool = False,
     ) -> None:
-        opt = torch.optim.Adam(groups, weight_decay=self.weight_decay)
+        if self.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.Adam(groups, weight_decay=self.weight_decay)
         n, bs = len(y), self.batch_size
         module.train()
         bar = tqdm(

@@ -19,7 +19,8 @@ from securetl.interfaces import Poisoned
 log = logging.getLogger(__name__)
 
 # Keys that change where or how a run is reported, not what it computes: they stay out of run_id.
-NON_SEMANTIC_KEYS = ("paths", "logger", "resume", "device", "progress", "cache", "report", "hydra")
+# `deltas` is dropped too: apply_deltas has merged what it changes into the groups, which are hashed.
+NON_SEMANTIC_KEYS = ("paths", "logger", "resume", "device", "progress", "cache", "report", "hydra", "deltas")
 # Nested keys of the same kind: where the data live (`dataset.root` defaults to ${paths.data_dir}).
 NON_SEMANTIC_LEAVES = ("dataset.root",)
 GROUPS = ("dataset", "encoder", "encoder_attack", "data_attack", "defense", "probe", "threat", "ablation")

@@ -1,0 +1,50 @@
+"""Per-dataset deltas: the one optional file per dataset (conf/deltas/<dataset>.yaml) that holds the values
+a method takes on that dataset when they differ from its YAML's paper defaults.
+
+A method YAML states the original paper's settings; some of them are counts in disguise. TaCT's poison
+rate 0.003 is 150 images of CIFAR-10's 50 000, but 12 of the synthetic default's 4 000. The delta file
+says, per group and option, which keys change on its dataset and why; `apply_deltas` merges them into the
+run's config before the run_id is computed, so the row records the values that ran. A key the user set on
+the command line (or in a sweep) is theirs: the delta never overrides it.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from securetl.validate import ConfigError
+
+
+def overridden_keys(overrides: list[str]) -> set[str]:
+    """Dotted keys named by Hydra overrides (`a.b=1`, `+a.b=1`, `++a.b=1`, `~a.b`, sweeps `a.b=1,2`)."""
+    keys = set()
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~").strip()
+        if key:
+            keys.add(key)
+    return keys
+
+
+def apply_deltas(cfg: DictConfig, choices: dict[str, str], overrides: list[str]) -> dict[str, object]:
+    """Merge `cfg.deltas.<group>.<option>` into `cfg.<group>` for the chosen options; returns what changed."""
+    deltas = cfg.get("deltas")
+    if not deltas:
+        return {}
+    mine = overridden_keys(overrides)
+    applied: dict[str, object] = {}
+    for group, per_option in deltas.items():
+        option = choices.get(str(group))
+        if option is None or per_option is None or option not in per_option:
+            continue
+        for key, value in per_option[option].items():
+            dotted = f"{group}.{key}"
+            if dotted in mine:
+                continue
+            if key not in cfg[group]:
+                raise ConfigError(
+                    f"conf/deltas: {group}={option} has no key {key!r} (the delta file names a key its method lacks)"
+                )
+            with open_dict(cfg):
+                OmegaConf.update(cfg, dotted, value, merge=False)
+            applied[dotted] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return applied
