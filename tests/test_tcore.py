@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from securetl.defenses.tcore.bootstrap import Trainer, bootstrap
-from securetl.defenses.tcore.channels import MaskedBN, Tail, recover_masks, reinit_untrusted, unmask
+from securetl.defenses.tcore.channels import (
+    MaskedBN,
+    Tail,
+    recover_masks,
+    reinit_untrusted,
+    unmask,
+    untrusted_from_masks,
+)
 from securetl.defenses.tcore.confusion import confusion_losses
 from securetl.defenses.tcore.sifting import sift
 from securetl.encoders.resnet import cifar_resnet18
@@ -219,3 +226,13 @@ def test_tcore_runs_end_to_end_and_reports_diagnostics(compose_cfg):
     # pool_quota=balanced: each class up to rho * the median class size, so BadNets' inflated target class
     # is capped and the pool stays at or under rho |D|
     assert 0.6 * 300 <= d["kept/size"] <= round(0.8 * 300)
+
+
+def test_untrusted_share_is_capped_lowest_masks_first():
+    masks = {"a": torch.tensor([0.1, 0.2, 0.9, 0.3]), "b": torch.tensor([0.05, 0.6, 0.4, 0.8, 0.15, 0.25])}
+    plain = untrusted_from_masks(masks, sigma=0.7)
+    assert int(sum(int(u.sum()) for u in plain.values())) == 8
+    capped = untrusted_from_masks(masks, sigma=0.7, max_fraction=0.5)
+    assert int(sum(int(u.sum()) for u in capped.values())) == 5
+    assert capped["a"].tolist() == [True, True, False, False]
+    assert capped["b"].tolist() == [True, False, False, False, True, True]

@@ -227,5 +227,22 @@ def reinit_untrusted(tail: Tail, untrusted: dict[str, Tensor], g: torch.Generato
     return grad_masks
 
 
-def untrusted_from_masks(masks: dict[str, Tensor], sigma: float) -> dict[str, Tensor]:
-    return {n: m < sigma for n, m in masks.items()}
+def untrusted_from_masks(masks: dict[str, Tensor], sigma: float, max_fraction: float = 1.0) -> dict[str, Tensor]:
+    """Channels with mask < sigma are untrusted; at most `max_fraction` of all channels, the lowest masks first.
+
+    The cap matters when recovery fails as a whole (every mask under sigma): re-initialising everything
+    throws away what the pre-trained encoder knows; the lowest masks are still the least needed ones."""
+    flat = torch.cat(list(masks.values()))
+    limit = int(max_fraction * len(flat))
+    below = flat < sigma
+    if int(below.sum()) > limit:
+        cut = torch.sort(flat).values[limit] if limit < len(flat) else float("inf")
+        below = flat < cut
+        if int(below.sum()) < limit:  # ties at the cut: take them in order up to the limit
+            extra = torch.nonzero((flat == cut) & ~below).squeeze(1)[: limit - int(below.sum())]
+            below[extra] = True
+    out, i = {}, 0
+    for n, m in masks.items():
+        out[n] = below[i : i + len(m)].clone()
+        i += len(m)
+    return out

@@ -95,6 +95,7 @@ class TCore(Defense):
         recover_lr: float = 0.05,
         mask_l1: float = 1e-2,
         sigma: float = 0.7,
+        max_untrusted: float = 0.6,
         trusted_from: str = "pretrained",
         chi_lr_scale: float = 1.0,
         # phase 4: bootstrapping
@@ -116,6 +117,7 @@ class TCore(Defense):
             ("rho", rho),
             ("sigma", sigma),
             ("unlearn_threshold", unlearn_threshold),
+            ("max_untrusted", max_untrusted),
         ):
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"defense.{name}={v} must lie in (0, 1]")
@@ -212,7 +214,7 @@ class TCore(Defense):
             masks = recover_masks(
                 fitted, acts[subset], y[subset], g, self.recover_epochs, self.recover_lr, self.mask_l1
             )
-            untrusted = untrusted_from_masks(masks, self.sigma)
+            untrusted = untrusted_from_masks(masks, self.sigma, self.max_untrusted)
             grad_masks = reinit_untrusted(tail, untrusted, g)
             n_un = int(sum(int(u.sum()) for u in untrusted.values()))
             self.diagnostics.update(
