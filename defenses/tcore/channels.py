@@ -227,7 +227,9 @@ def reinit_untrusted(tail: Tail, untrusted: dict[str, Tensor], g: torch.Generato
     return grad_masks
 
 
-def untrusted_from_masks(masks: dict[str, Tensor], sigma: float, max_fraction: float = 1.0) -> dict[str, Tensor]:
+def untrusted_from_masks(
+    masks: dict[str, Tensor], sigma: float, max_fraction: float = 1.0
+) -> dict[str, Tensor]:
     """Channels with mask < sigma are untrusted; at most `max_fraction` of all channels, the lowest masks first.
 
     The cap matters when recovery fails as a whole (every mask under sigma): re-initialising everything

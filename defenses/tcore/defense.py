@@ -163,7 +163,7 @@ class TCore(Defense):
                 density_ceiling=self.density_ceiling,
             )
             seed = res.seed_idx
-            dense = res.dense_idx if self.expansion_skips_dense else None
+            dense = self._collapsed(res.dense_idx, y) if self.expansion_skips_dense else None
             self.decisions["tis_majority_idx"] = res.majority_idx
         else:
             seed, dense = self._random_per_class(y, self.alpha, g), None
@@ -282,6 +282,16 @@ class TCore(Defense):
                 opt.step()
         with torch.no_grad():
             return head(f)
+
+    @staticmethod
+    def _collapsed(dense: Tensor, y: Tensor) -> Tensor:
+        """The abnormally dense samples of classes holding over twice the dataset's share of them: where a
+        group collapsed onto one embedding (an encoder backdoor's target) rather than a class's tight core."""
+        counts = torch.bincount(y)
+        share = torch.bincount(y[dense], minlength=len(counts)) / counts.clamp_min(1)
+        overall = len(dense) / max(1, len(y))
+        hot = torch.nonzero(share > 2 * overall).squeeze(1)
+        return dense[torch.isin(y[dense], hot)]
 
     @staticmethod
     def _random_per_class(y: Tensor, frac: float, g: torch.Generator) -> Tensor:
