@@ -30,7 +30,7 @@ def env(tmp_path):
 
 
 def test_multirun_writes_rows_renders_table_and_resumes(env, tmp_path):
-    args = ["-m", "data_attack=none,badnets", *TINY]
+    args = ["-m", "data_attack=none,badnets", "probe=finetune", *TINY]  # the demo preset reports fine-tuning
     first = cli(args, env)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = list((tmp_path / "results" / "raw").glob("*.json"))
@@ -79,3 +79,22 @@ def test_help_lists_groups(env):
     assert out.returncode == 0
     for group in ("dataset", "encoder_attack", "data_attack", "defense", "probe", "logger", "table"):
         assert f"{group}:" in out.stdout
+
+
+def test_a_table_does_not_count_rows_another_presets_sweep_ran():
+    """A Threat-2 table (no `threat` in its sweep) must not average in the no-defense rows that a T-Core
+    sweep ran through `threat=t2_badnets`, nor an ablation table's rows."""
+    from securetl.tables import build_table, flatten
+
+    def row(threat, ablation, acc):
+        ch = {"dataset": "synthetic", "data_attack": "badnets", "defense": "none", "probe": "finetune"}
+        return {"choices": ch | {"threat": threat, "ablation": ablation}, "seed": 0, "metrics": {"acc": acc}}
+
+    df = flatten([row("None", "None", 0.8), row("t2_badnets", "None", 0.2), row("None", "full", 0.5)])
+    report = {"rows": ["data_attack"], "cols": [], "metrics": ["acc"], "where": {"dataset": "synthetic"}}
+    _, _, long = build_table(df, report, {"data_attack": ["badnets"], "seed": ["0"]})
+    assert long[("acc", "count")].tolist() == [1] and long[("acc", "mean")].tolist() == [0.8]
+    _, _, long = build_table(
+        df, report, {"data_attack": ["badnets"], "threat": ["t2_badnets"], "seed": ["0"]}
+    )
+    assert long[("acc", "mean")].tolist() == [0.2]

@@ -71,6 +71,9 @@ def fmt(mean: float, std: float, n: int, pct: bool) -> str:
     return s
 
 
+OPTIONAL_PRESETS = ("threat", "ablation")
+
+
 def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
     """(display table, missing cells, long-form numbers)."""
     rows = list(report.get("rows", []))
@@ -80,7 +83,12 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
     for k, v in where.items():
         if k in df:
             df = df[df[k].astype(str) == str(v)]
-    # the sweep's own choices restrict the rows too, so other sweeps' rows in the same folder stay out
+    # the sweep's own choices restrict the rows too, so other sweeps' rows in the same folder stay out;
+    # an optional preset group the table neither sweeps nor fixes must be unset: a Threat-2 table must not
+    # count the no-defense rows a T-Core sweep ran through `threat=t2_badnets` a second time
+    for k in OPTIONAL_PRESETS:
+        if k in df and k not in sweep and k not in where:
+            df = df[df[k].astype(str) == "None"]
     for k, vals in sweep.items():
         if k in df and k != "seed":
             df = df[df[k].astype(str).isin(vals)]
