@@ -159,14 +159,10 @@ def per_sample_loss(model: nn.Module, acts: Tensor, y: Tensor, batch: int = 1024
     )
 
 
-def class_quotas(y: Tensor, rho: float, quota: str) -> Tensor:
-    """Per-class pool sizes: rho * class size ("global" sums to rho |D|), or capped at the median ("balanced")."""
+def balanced_quotas(y: Tensor, rho: float) -> Tensor:
+    """Per-class pool sizes for quota="balanced": rho * min(class size, the median class size)."""
     counts = torch.bincount(y)
-    if quota == "balanced":
-        cap = counts[counts > 0].median()
-        counts = torch.minimum(counts, cap)
-    elif quota != "global":
-        raise ValueError(f"bootstrap quota={quota!r}; choose global or balanced")
+    counts = torch.minimum(counts, counts[counts > 0].median())
     return torch.round(rho * counts.double()).long()
 
 
@@ -206,8 +202,10 @@ def bootstrap(
     final_cosine: bool = False,
 ) -> BootstrapResult:
     """Grow the pool from `start_idx` to rho*N in loss-guided then meta-guided steps; train on it."""
+    if quota not in ("global", "balanced"):
+        raise ValueError(f"bootstrap quota={quota!r}; choose global or balanced")
     n = len(y)
-    quotas = None if quota == "global" else class_quotas(y, rho, quota)
+    quotas = None if quota == "global" else balanced_quotas(y, rho)
     if quotas is None:
         target = int(round(rho * n))
     else:  # a class whose start already exceeds its quota keeps what it has (the pool never shrinks)

@@ -235,16 +235,9 @@ def untrusted_from_masks(
     The cap matters when recovery fails as a whole (every mask under sigma): re-initialising everything
     throws away what the pre-trained encoder knows; the lowest masks are still the least needed ones."""
     flat = torch.cat(list(masks.values()))
-    limit = int(max_fraction * len(flat))
     below = flat < sigma
-    if int(below.sum()) > limit:
-        cut = torch.sort(flat).values[limit] if limit < len(flat) else float("inf")
-        below = flat < cut
-        if int(below.sum()) < limit:  # ties at the cut: take them in order up to the limit
-            extra = torch.nonzero((flat == cut) & ~below).squeeze(1)[: limit - int(below.sum())]
-            below[extra] = True
-    out, i = {}, 0
-    for n, m in masks.items():
-        out[n] = below[i : i + len(m)].clone()
-        i += len(m)
-    return out
+    limit = int(max_fraction * len(flat))
+    if int(below.sum()) > limit:  # then the `limit` lowest masks are all under sigma
+        below = torch.zeros_like(below)
+        below[torch.argsort(flat, stable=True)[:limit]] = True
+    return dict(zip(masks, torch.split(below, [len(m) for m in masks.values()])))

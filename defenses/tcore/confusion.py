@@ -78,6 +78,9 @@ def expand_seed(
     subset = seed_idx.clone()
     rounds = []
     median = float(torch.bincount(y, minlength=num_classes).float().median())
+    blocked = torch.zeros(len(y), dtype=torch.bool)
+    if exclude is not None:
+        blocked[exclude] = True
     for frac in fractions:
         loss = confusion_losses(f, y, subset, num_classes, g, **kw)
         chosen = [subset]
@@ -85,9 +88,8 @@ def expand_seed(
             idx = torch.nonzero(y == c).squeeze(1)
             if len(idx) == 0:
                 continue
-            if exclude is not None:
-                allowed = idx[~torch.isin(idx, exclude)]
-                idx = allowed if len(allowed) > 0 else idx
+            allowed = idx[~blocked[idx]]
+            idx = allowed if len(allowed) > 0 else idx
             k = min(len(idx), int(round(frac * median)))
             chosen.append(idx[torch.argsort(loss[idx], descending=True)[:k]])
         subset = torch.unique(torch.cat(chosen))

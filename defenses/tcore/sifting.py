@@ -30,7 +30,7 @@ class SiftResult:
     seed_idx: Tensor  # indices into the dataset, sorted
     majority_idx: Tensor  # samples that passed the majority rule (all classes)
     scores: Tensor  # consistency score per sample (-1 where the majority rule dropped it)
-    dense_idx: Tensor | None = None  # samples the density ceiling set aside (abnormally tight neighbourhoods)
+    dense_idx: Tensor  # samples the density ceiling set aside (abnormally tight neighbourhoods)
 
 
 def _normalise(f: np.ndarray) -> np.ndarray:
