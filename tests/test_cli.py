@@ -30,7 +30,7 @@ def env(tmp_path):
 
 
 def test_multirun_writes_rows_renders_table_and_resumes(env, tmp_path):
-    args = ["-m", "data_attack=none,badnets", "probe=finetune", *TINY]  # the demo preset reports fine-tuning
+    args = ["-m", "data_attack=none,badnets", "probe=finetune_short", *TINY]  # the demo preset's probe
     first = cli(args, env)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = list((tmp_path / "results" / "raw").glob("*.json"))

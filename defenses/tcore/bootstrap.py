@@ -84,7 +84,8 @@ class Trainer:
                 loss = F.cross_entropy(tail(acts[b]), y[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                masked = train_stages and self.grad_masks is not None
+                # chi_lr_scale >= 1: trusted channels move like the rest, nothing to freeze or damp
+                masked = train_stages and self.grad_masks is not None and self.chi_lr_scale < 1
                 if masked and self.chi_lr_scale == 0:
                     for name, mask in self.grad_masks.items():
                         p = stage_params.get(name)

@@ -10,8 +10,8 @@ encoder channels clean data needs — and grow a model from it. Four phases (../
   4 bootstrapping  re-initialise psi, freeze chi, train (phi, psi) on a pool grown from D_sub to rho |D|
 
 The trainable part of the encoder is its top `trainable_stages` stages (the transfer-learning budget: "the
-head, or a part of the encoder", the same part probe=finetune trains); everything below is frozen and its
-activations are computed once.
+head, or a part of the encoder"; the config default is one stage more than probe=finetune trains, since an
+encoder implant also lives below that); everything below is frozen and its activations are computed once.
 The defense sees the encoder and the labelled training set only: never `poison_idx`.
 """
 
