@@ -67,3 +67,16 @@ def test_badnets_validates_target_against_dataset():
 def test_labeled_set_checks_dtype():
     with pytest.raises(TypeError):
         LabeledSet(torch.rand(2, 3, 4, 4), torch.zeros(2, dtype=torch.long))
+
+
+def test_synthetic_splits_are_built_once_per_configuration(data):
+    same = build_synthetic(n_train=200, n_test=50, n_pretrain=20, n_reference=20)
+    assert same is data  # a multirun's jobs share one build
+    other = build_synthetic(n_train=200, n_test=50, n_pretrain=20, n_reference=20, seed=1)
+    assert other is not data and not torch.equal(other.train.x, data.train.x)
+    again = build_synthetic(n_train=200, n_test=50, n_pretrain=20, n_reference=20)
+    assert torch.equal(again.train.x, data.train.x)  # the rebuilt splits are the same images
+    # a multirun's poisoning must not leak into the shared splits
+    before = data.train.x.clone()
+    BadNets(PatchTrigger(size=3), target=0, poison_rate=0.1).poison(data.train, torch.Generator().manual_seed(0))
+    assert torch.equal(data.train.x, before)

@@ -29,7 +29,9 @@ def _fingerprint(module: nn.Module) -> tuple:
         return tuple(float(t.double().abs().sum()) for t in (*module.parameters(), *module.buffers()))
 
 
-_MEMO: dict[tuple, Tensor] = {}
+# (encoder weights, images) -> output. An entry holds its images tensor: keyed on the data pointer alone, a
+# later sweep job's images could land at a freed address (the allocator reuses them) and hit a stale entry.
+_MEMO: dict[tuple, tuple[Tensor, Tensor]] = {}
 _MEMO_MAX = 16
 
 
@@ -51,18 +53,19 @@ def batched_forward(
 
 def memo_forward(encoder: nn.Module, images: Tensor, ctx: RunContext, stop: int | None = None) -> Tensor:
     """Features (stop=None) or the activation after `stop` stages, memoised on (encoder state, images)."""
-    key = (id(encoder), _fingerprint(encoder), images.data_ptr(), tuple(images.shape), stop)
+    key = (_fingerprint(encoder), images.data_ptr(), tuple(images.shape), images.stride(), images.dtype, stop)
     if key not in _MEMO:
         was_training = encoder.training
         encoder.eval().to(ctx.device)
         fn = encoder if stop is None else (lambda x: encoder.forward_until(x, stop))
-        _MEMO[key] = batched_forward(
+        out = batched_forward(
             fn, images, ctx.device, desc="features", progress=ctx.progress and len(images) > 5000
         )
+        _MEMO[key] = (images, out)
         encoder.train(was_training)
         while len(_MEMO) > _MEMO_MAX:
             _MEMO.pop(next(iter(_MEMO)))
-    return _MEMO[key]
+    return _MEMO[key][1]
 
 
 def clear_memo() -> None:
