@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import torch
 
 from securetl.encoders.resnet import cifar_resnet18
@@ -11,13 +12,21 @@ from securetl.interfaces import RunContext
 from securetl.probe import clear_memo, memo_forward
 
 
-def test_memo_is_not_fooled_by_a_reused_address():
+@pytest.fixture
+def enc_ctx():
+    torch.manual_seed(0)
+    clear_memo()
+    yield (
+        cifar_resnet18(4).eval(),
+        RunContext(device=torch.device("cpu"), seed=0, num_classes=10, progress=False),
+    )
+    clear_memo()
+
+
+def test_memo_is_not_fooled_by_a_reused_address(enc_ctx):
     # A sweep frees one job's poisoned images and allocates the next job's; the allocator often hands out
     # the same address, with the same shape and the same (cached) encoder weights.
-    torch.manual_seed(0)
-    enc = cifar_resnet18(4).eval()
-    ctx = RunContext(device=torch.device("cpu"), seed=0, num_classes=10, progress=False)
-    clear_memo()
+    enc, ctx = enc_ctx
     base = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     for i in range(12):
         x = base.clone()
@@ -28,14 +37,10 @@ def test_memo_is_not_fooled_by_a_reused_address():
         assert torch.allclose(got, want, atol=1e-5), f"stale features at round {i}"
         del x, got
         gc.collect()
-    clear_memo()
 
 
-def test_memo_hits_for_the_same_images_and_weights_and_misses_after_training():
-    torch.manual_seed(0)
-    enc = cifar_resnet18(4).eval()
-    ctx = RunContext(device=torch.device("cpu"), seed=0, num_classes=10, progress=False)
-    clear_memo()
+def test_memo_hits_for_the_same_images_and_weights_and_misses_after_training(enc_ctx):
+    enc, ctx = enc_ctx
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     before = memo_forward(enc, x, ctx)
     assert memo_forward(enc, x, ctx) is before
@@ -45,4 +50,3 @@ def test_memo_hits_for_the_same_images_and_weights_and_misses_after_training():
     after = memo_forward(enc, x, ctx)
     assert not torch.equal(after, before)
     assert torch.allclose(after, want, atol=1e-5)
-    clear_memo()
