@@ -37,25 +37,34 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def stage_representations(
-    encoder, x: Tensor, ctx: RunContext, start: int, batch: int = 512
-) -> tuple[list[Tensor], Tensor]:
-    """Pooled output of every stage (for TIS) and the activation entering stage `start` (for training)."""
+    encoder,
+    x: Tensor,
+    ctx: RunContext,
+    start: int,
+    batch: int = 512,
+    grid_at: int | None = None,
+    grid: int = 4,
+) -> tuple[list[Tensor], Tensor, Tensor | None]:
+    """Pooled output of every stage (for TIS), the activation entering stage `start` (for training) and, with
+    `grid_at`, the activation entering that stage average-pooled to a grid x grid map (for confusion training)."""
     encoder.eval().to(ctx.device)
     pooled: list[list[Tensor]] = []
-    acts = []
+    acts, grids = [], []
     for i in range(0, len(x), batch):
         h = encoder.normalize(to_float(x[i : i + batch]).to(ctx.device))
         outs = []
         for j, stage in enumerate(encoder.stages):
             if j == start:
                 acts.append(h.cpu())
+            if j == grid_at and h.dim() == 4:
+                grids.append(F.adaptive_avg_pool2d(h, grid).flatten(1).cpu())
             h = stage(h)
             outs.append(encoder.pool(h).cpu())
         if start >= len(encoder.stages):
             acts.append(encoder.pool(h).cpu())
         pooled.append(outs)
     layers = [torch.cat([p[j] for p in pooled]) for j in range(len(encoder.stages))]
-    return layers, torch.cat(acts)
+    return layers, torch.cat(acts), (torch.cat(grids) if grids else None)
 
 
 class TCore(Defense):
@@ -87,6 +96,7 @@ class TCore(Defense):
         confusion_epochs: int = 10,
         confusion_layers: tuple[int, ...] = (-1,),
         confusion_grid: int = 4,
+        confusion_grid_stage: int | None = None,
         # phase 3: channel filtering
         fit_epochs: int = 10,
         unlearn_threshold: float = 0.2,
@@ -143,7 +153,10 @@ class TCore(Defense):
         k = min(self.trainable_stages, n_stages - 1)
         start = n_stages - k if (self.train_encoder and k > 0) else n_stages
         t0 = time.perf_counter()
-        layers, acts = stage_representations(encoder, train.x, ctx, start)
+        grid_at = None if self.confusion_grid_stage is None else self.confusion_grid_stage % n_stages
+        layers, acts, grid_acts = stage_representations(
+            encoder, train.x, ctx, start, grid_at=grid_at, grid=self.confusion_grid
+        )
         feats = layers[-1]
         t["represent"] = time.perf_counter() - t0
 
@@ -176,7 +189,12 @@ class TCore(Defense):
         if self.expansion:
             # the confusion model must be able to fit a backdoor shortcut: besides pooled features it reads a
             # coarse spatial grid of the activations entering the trainable stages, where a local trigger shows
-            grid = F.adaptive_avg_pool2d(acts, self.confusion_grid).flatten(1) if acts.dim() == 4 else acts
+            if grid_acts is not None:
+                grid = grid_acts
+            else:
+                grid = (
+                    F.adaptive_avg_pool2d(acts, self.confusion_grid).flatten(1) if acts.dim() == 4 else acts
+                )
             cfeats = torch.cat([grid, *[layers[i] for i in self.confusion_layers]], dim=1)
             exp = expand_seed(
                 cfeats,
