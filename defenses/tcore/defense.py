@@ -153,7 +153,7 @@ class TCore(Defense):
         k = min(self.trainable_stages, n_stages - 1)
         start = n_stages - k if (self.train_encoder and k > 0) else n_stages
         t0 = time.perf_counter()
-        grid_at = None if self.confusion_grid_stage is None else self.confusion_grid_stage % n_stages
+        grid_at = start if self.confusion_grid_stage is None else self.confusion_grid_stage % n_stages
         layers, acts, grid_acts = stage_representations(
             encoder, train.x, ctx, start, grid_at=grid_at, grid=self.confusion_grid
         )
@@ -189,12 +189,7 @@ class TCore(Defense):
         if self.expansion:
             # the confusion model must be able to fit a backdoor shortcut: besides pooled features it reads a
             # coarse spatial grid of the activations entering the trainable stages, where a local trigger shows
-            if grid_acts is not None:
-                grid = grid_acts
-            else:
-                grid = (
-                    F.adaptive_avg_pool2d(acts, self.confusion_grid).flatten(1) if acts.dim() == 4 else acts
-                )
+            grid = grid_acts if grid_acts is not None else acts  # no spatial map: the pooled features
             cfeats = torch.cat([grid, *[layers[i] for i in self.confusion_layers]], dim=1)
             exp = expand_seed(
                 cfeats,

@@ -13,6 +13,7 @@ contrastive pre-training learn colour histograms instead of objects).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -242,53 +243,21 @@ def build_synthetic(
     Memoised per process on the arguments: a multirun's jobs share one build (~2 s each otherwise). Callers
     never modify splits in place (attacks clone before poisoning), so sharing the tensors is safe.
     """
-    key = tuple(v if isinstance(v, (str, int, float)) else tuple(v) for v in locals().values())
-    if key not in _BUILT:
-        _BUILT.clear()  # one configuration at a time: a sweep over dataset sizes must not pile up copies
-        _BUILT[key] = _build(*key)
-    return _BUILT[key]
+    return _build_splits(**{**locals(), "scale": tuple(scale)})  # hashable: Hydra hands lists over
 
 
-_BUILT: dict[tuple, Splits] = {}
-
-
-def _build(
-    n_train,
-    n_test,
-    n_pretrain,
-    n_reference,
-    num_classes,
-    size,
-    seed,
-    noise,
-    distractor_prob,
-    low_contrast_prob,
-    scale,
-    min_contrast,
-    bg_contrast,
-    pattern_strength,
-    palette_size,
-    pretrain_domain,
-    downstream_domain,
-) -> Splits:
-    kw = dict(
-        size=size,
-        num_classes=num_classes,
-        noise=noise,
-        distractor_prob=distractor_prob,
-        low_contrast_prob=low_contrast_prob,
-        scale=tuple(scale),
-        min_contrast=min_contrast,
-        bg_contrast=bg_contrast,
-        pattern_strength=pattern_strength,
-        palette_size=palette_size,
-        palette_seed=seed,
-    )
+@functools.lru_cache(maxsize=1)  # one configuration at a time: a sweep over dataset sizes keeps no old copies
+def _build_splits(**a) -> Splits:
+    seed, num_classes = a["seed"], a["num_classes"]
+    keys = ("size", "num_classes", "noise", "distractor_prob", "low_contrast_prob", "scale", "min_contrast")
+    keys += ("bg_contrast", "pattern_strength", "palette_size")
+    kw = {k: a[k] for k in keys} | {"palette_seed": seed}
     # train and test of the same domain use disjoint seeds so they never share an image
-    train = generate(n_train, downstream_domain, seed * 3 + 0, **kw)
-    test = generate(n_test, downstream_domain, seed * 3 + 1, **kw)
-    pretrain = generate(n_pretrain, pretrain_domain, seed * 3 + 2, **kw)
-    reference = generate(n_reference, downstream_domain, seed * 3 + 1_000_003, **kw)
+    down, pre = a["downstream_domain"], a["pretrain_domain"]
+    train = generate(a["n_train"], down, seed * 3 + 0, **kw)
+    test = generate(a["n_test"], down, seed * 3 + 1, **kw)
+    pretrain = generate(a["n_pretrain"], pre, seed * 3 + 2, **kw)
+    reference = generate(a["n_reference"], down, seed * 3 + 1_000_003, **kw)
     return Splits(
         name="synthetic",
         train=train,
