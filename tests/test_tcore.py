@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from securetl.defenses.tcore.bootstrap import Trainer, bootstrap
+from securetl.defenses.tcore.bootstrap import Trainer, bootstrap, meta_scores
 from securetl.defenses.tcore.channels import (
     MaskedBN,
     Tail,
@@ -54,6 +54,21 @@ def test_density_ceiling_keeps_a_tight_planted_group_out_of_the_seed():
     guarded = sift(layers, y, density_ceiling=0.1, **kw)
     assert not set(planted.tolist()) & set(guarded.seed_idx.tolist())
     assert len(guarded.seed_idx) == len(plain.seed_idx)  # seed sizes still follow alpha of each class
+
+
+def test_label_agreement_keeps_source_class_poisons_out_of_the_seed():
+    x, y, g = blobs()
+    # dirty-label poisons with class-1 content labelled 0 (TaCT-like: one source class). Judged within class 0
+    # alone they are a consistent group of their own; among the whole dataset their neighbours are class 1
+    planted = torch.arange(0, 20)
+    x[planted] = x[y == 1].mean(0) + 0.3 * torch.randn(20, x.shape[1], generator=g)
+    layers = [x, x @ torch.randn(8, 8, generator=g), torch.tanh(x)]
+    kw = dict(alpha=0.2, k=5, eps_quantile=0.5, min_samples=4, majority=False)
+    plain = sift(layers, y, **kw)
+    assert set(planted.tolist()) & set(plain.seed_idx.tolist())  # consistency alone picks them
+    guarded = sift(layers, y, agreement=0.5, **kw)
+    assert not set(planted.tolist()) & set(guarded.seed_idx.tolist())
+    assert len(guarded.seed_idx) == len(plain.seed_idx)
 
 
 def test_confusion_training_ranks_shortcut_samples_lowest_loss():
@@ -146,6 +161,18 @@ def test_bootstrap_pool_grows_monotonically_to_rho_n():
     assert len(res.pool_idx) == round(0.8 * n)  # quota="global": the paper's rho |D|
     assert set(start.tolist()) <= set(res.pool_idx.tolist())
     assert [s["kind"] for s in res.steps] == ["loss", "loss", "meta", "meta"]
+
+
+def test_rank_sum_meta_score_does_not_take_slow_high_loss_poisons_first():
+    g = torch.Generator().manual_seed(0)
+    # 100 clean samples: moderate loss, moderate reduction under the short training on all of D;
+    # 20 poisons the short training barely picks up: a high loss that hardly moves
+    loss1 = torch.cat([1.0 + 0.3 * torch.rand(100, generator=g), 5.0 + torch.rand(20, generator=g)])
+    drop = torch.cat([0.3 + 0.2 * torch.rand(100, generator=g), 0.05 * torch.rand(20, generator=g)])
+    poisons = set(range(100, 120))
+    first = lambda score: set(torch.argsort(score)[:50].tolist())  # noqa: E731
+    assert first(meta_scores(loss1, loss1 - drop, "reduction")) >= poisons  # the paper's rule takes them first
+    assert not first(meta_scores(loss1, loss1 - drop, "rank_sum")) & poisons
 
 
 def test_balanced_quota_reaches_rho_n_on_balanced_data_and_caps_an_inflated_class():

@@ -6,6 +6,11 @@ loss-guided expansion  move the lowest-loss samples of D \\ D_clean into the poo
 meta-guided expansion  Loss1 = current model's loss on D \\ D_clean, Loss2 = loss of a temporary copy after a
                        short training on all of D; poison is learned fast, so its loss drops most: move the
                        samples with the SMALLEST reduction Loss1 - Loss2 into the pool.
+                       meta_score="rank_sum" (ours): rank by reduction plus rank by Loss1. By the second
+                       meta step the samples left are mostly the high-loss ones, and a poison that the short
+                       training does not pick up (low-rate, cover-protected: Adap-Blend, TaCT) keeps a high
+                       loss that barely moves, i.e. the smallest reduction: the paper's rule alone moved it in
+                       first. It still has the highest Loss1 under the clean-pool model, which the sum sees.
 stop at |D_clean| = rho |D|, then train the final model on D_clean.
 
 quota  "global" (the paper's text): the pool takes the best-scored samples of D \\ D_clean whatever their
@@ -167,6 +172,20 @@ def balanced_quotas(y: Tensor, rho: float) -> Tensor:
     return torch.round(rho * counts.double()).long()
 
 
+def _ranks(x: Tensor) -> Tensor:
+    """0 for the smallest value, len - 1 for the largest."""
+    r = torch.empty(len(x), dtype=torch.long)
+    r[torch.argsort(x, stable=True)] = torch.arange(len(x))
+    return r
+
+
+def meta_scores(loss1: Tensor, loss2: Tensor, mode: str = "reduction") -> Tensor:
+    """Meta-guided expansion's score, lowest first: the loss reduction Loss1 - Loss2, or (rank_sum) its rank
+    plus the rank of Loss1."""
+    reduction = loss1 - loss2
+    return reduction if mode == "reduction" else _ranks(reduction) + _ranks(loss1)
+
+
 def _pick(
     score: Tensor, rest: Tensor, y: Tensor, pool: Tensor, add: int, quotas: Tensor | None, left: int
 ) -> Tensor:
@@ -201,10 +220,13 @@ def bootstrap(
     train_stages: bool = True,
     quota: str = "global",
     final_cosine: bool = False,
+    meta_score: str = "reduction",
 ) -> BootstrapResult:
     """Grow the pool from `start_idx` to rho*N in loss-guided then meta-guided steps; train on it."""
     if quota not in ("global", "balanced"):
         raise ValueError(f"bootstrap quota={quota!r}; choose global or balanced")
+    if meta_score not in ("reduction", "rank_sum"):
+        raise ValueError(f"bootstrap meta_score={meta_score!r}; choose reduction or rank_sum")
     n = len(y)
     quotas = None if quota == "global" else balanced_quotas(y, rho)
     if quotas is None:
@@ -230,7 +252,7 @@ def bootstrap(
             temp = copy.deepcopy(tail)
             trainer.train(temp, acts, y, meta_epochs, g, train_stages)
             loss2 = per_sample_loss(temp, acts[rest], y[rest])
-            score = loss1 - loss2  # smallest reduction first
+            score = meta_scores(loss1, loss2, meta_score)
         pool[_pick(score, rest, y, pool, add, quotas, len(kinds) - i)] = True
         steps.append({"kind": kind, "pool": torch.nonzero(pool).squeeze(1)})
         trainer.train(tail, acts[pool], y[pool], epochs_per_step, g, train_stages)
@@ -238,4 +260,4 @@ def bootstrap(
     return BootstrapResult(torch.nonzero(pool).squeeze(1), steps)
 
 
-__all__ = ["BootstrapResult", "Trainer", "bootstrap", "per_sample_loss", "MaskedBN"]
+__all__ = ["BootstrapResult", "Trainer", "bootstrap", "meta_scores", "per_sample_loss", "MaskedBN"]

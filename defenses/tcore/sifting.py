@@ -12,6 +12,13 @@ shared by many samples (a blend, or an encoder that maps every triggered input t
 poisoned samples the densest, most layer-consistent group of the target class; when they are as many as its
 clean samples (a 10 % poison rate over 10 classes), the two rules alone pick them first. Natural class
 structure is not that tight, so the densest decile of a dataset is not where a trusted seed should come from.
+
+Label agreement (ours): the two rules look at each class on its own, so a dirty-label poison whose content
+belongs to another class is judged only against the target class, where a group of such poisons (TaCT's
+single source class, or any patch on similar images) is a consistent cluster of its own. Among the whole
+dataset, though, its neighbours carry the source label. A sample is a seed candidate only if, in every
+layer, at least `agreement` of its k nearest neighbours in the whole dataset share its label (checked
+after the majority rule, before the consistency ranking).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class SiftResult:
     majority_idx: Tensor  # samples that passed the majority rule (all classes)
     scores: Tensor  # consistency score per sample (-1 where the majority rule dropped it)
     dense_idx: Tensor  # samples the density ceiling set aside (abnormally tight neighbourhoods)
+    agreement: Tensor  # per sample, the label agreement of its whole-dataset neighbours (its worst layer)
 
 
 def _normalise(f: np.ndarray) -> np.ndarray:
@@ -96,6 +104,16 @@ def consistency_scores(layers: list[np.ndarray], k: int) -> np.ndarray:
     return common.sum(1).astype(float)
 
 
+def label_agreement(feats: list[np.ndarray], y: np.ndarray, k: int) -> np.ndarray:
+    """Per sample: the smallest, over layers, share of its k nearest neighbours in the WHOLE dataset (any
+    class) that carry its label."""
+    agree = np.ones(len(y))
+    for f in feats:
+        _, neigh = neighbours(f, k)
+        agree = np.minimum(agree, (y[neigh] == y[:, None]).mean(1))
+    return agree
+
+
 def sift(
     layers: list[Tensor],
     labels: Tensor,
@@ -106,6 +124,7 @@ def sift(
     min_per_class: int = 2,
     majority: bool = True,
     density_ceiling: float = 0.0,
+    agreement: float = 0.0,
 ) -> SiftResult:
     """Run TIS on per-layer representations `layers` (each (N, D_l)) with labels (N,)."""
     y = labels.numpy()
@@ -114,6 +133,8 @@ def sift(
     seed: list[np.ndarray] = []
     passed: list[np.ndarray] = []
     candidate = not_abnormally_dense(feats, y, k, density_ceiling)
+    share = label_agreement(feats, y, k)
+    agrees = share >= agreement
     for c in np.unique(y):
         members = np.nonzero(y == c)[0]
         idx = members[candidate[members]]
@@ -127,6 +148,10 @@ def sift(
             keep[:] = True
         kept = idx[keep]
         passed.append(kept)
+        # after the majority rule, not before: filtering first would thin out the clean majority that the
+        # rule relies on and could leave a tight poison cluster as the largest one
+        if agrees[kept].sum() >= min_per_class:
+            kept = kept[agrees[kept]]
         s = consistency_scores([f[kept] for f in feats], k)
         scores[kept] = s
         n_take = max(min_per_class, int(round(alpha * len(members))))
@@ -138,4 +163,5 @@ def sift(
         torch.from_numpy(np.sort(np.concatenate(passed))).long(),
         torch.from_numpy(scores).float(),
         torch.from_numpy(np.nonzero(~candidate)[0]).long(),
+        torch.from_numpy(share).float(),
     )
