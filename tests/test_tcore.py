@@ -165,12 +165,13 @@ def test_bootstrap_pool_grows_monotonically_to_rho_n():
 
 def test_rank_sum_meta_score_does_not_take_slow_high_loss_poisons_first():
     g = torch.Generator().manual_seed(0)
-    # 100 clean samples: moderate loss, moderate reduction under the short training on all of D;
-    # 20 poisons the short training barely picks up: a high loss that hardly moves
-    loss1 = torch.cat([1.0 + 0.3 * torch.rand(100, generator=g), 5.0 + torch.rand(20, generator=g)])
-    drop = torch.cat([0.3 + 0.2 * torch.rand(100, generator=g), 0.05 * torch.rand(20, generator=g)])
+    # 100 clean samples whose loss falls in proportion to how high it is under the short training on all of D;
+    # 20 poisons that this training barely picks up: the highest loss, and it hardly moves
+    clean = 0.5 + 1.5 * torch.rand(100, generator=g)
+    loss1 = torch.cat([clean, 5.0 + torch.rand(20, generator=g)])
+    drop = torch.cat([0.3 * clean + 0.02 * torch.rand(100, generator=g), 0.05 * torch.rand(20, generator=g)])
     poisons = set(range(100, 120))
-    first = lambda score: set(torch.argsort(score)[:50].tolist())  # noqa: E731
+    first = lambda score: set(torch.argsort(score)[:30].tolist())  # noqa: E731
     assert first(meta_scores(loss1, loss1 - drop, "reduction")) >= poisons  # the paper's rule takes them first
     assert not first(meta_scores(loss1, loss1 - drop, "rank_sum")) & poisons
 
