@@ -78,5 +78,7 @@ def test_synthetic_splits_are_built_once_per_configuration(data):
     assert torch.equal(again.train.x, data.train.x)  # the rebuilt splits are the same images
     # a multirun's poisoning must not leak into the shared splits
     before = data.train.x.clone()
-    BadNets(PatchTrigger(size=3), target=0, poison_rate=0.1).poison(data.train, torch.Generator().manual_seed(0))
+    BadNets(PatchTrigger(size=3), target=0, poison_rate=0.1).poison(
+        data.train, torch.Generator().manual_seed(0)
+    )
     assert torch.equal(data.train.x, before)

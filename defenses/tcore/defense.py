@@ -195,7 +195,7 @@ class TCore(Defense):
         subset = seed
         if self.expansion:
             # the confusion model must be able to fit a backdoor shortcut: besides pooled features it reads a
-            # coarse spatial grid of the activations entering the trainable stages, where a local trigger shows
+            # coarse spatial grid of the activations entering stage `confusion_grid_stage`, where a local trigger shows
             grid = grid_acts if grid_acts is not None else acts  # no spatial map: the pooled features
             cfeats = torch.cat([grid, *[layers[i] for i in self.confusion_layers]], dim=1)
             exp = expand_seed(

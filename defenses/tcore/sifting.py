@@ -38,7 +38,6 @@ class SiftResult:
     majority_idx: Tensor  # samples that passed the majority rule (all classes)
     scores: Tensor  # consistency score per sample (-1 where the majority rule dropped it)
     dense_idx: Tensor  # samples the density ceiling set aside (abnormally tight neighbourhoods)
-    agreement: Tensor  # per sample, the label agreement of its whole-dataset neighbours (its worst layer)
 
 
 def _normalise(f: np.ndarray) -> np.ndarray:
@@ -133,8 +132,7 @@ def sift(
     seed: list[np.ndarray] = []
     passed: list[np.ndarray] = []
     candidate = not_abnormally_dense(feats, y, k, density_ceiling)
-    share = label_agreement(feats, y, k)
-    agrees = share >= agreement
+    agrees = label_agreement(feats, y, k) >= agreement if agreement > 0 else np.ones(len(y), dtype=bool)
     for c in np.unique(y):
         members = np.nonzero(y == c)[0]
         idx = members[candidate[members]]
@@ -163,5 +161,4 @@ def sift(
         torch.from_numpy(np.sort(np.concatenate(passed))).long(),
         torch.from_numpy(scores).float(),
         torch.from_numpy(np.nonzero(~candidate)[0]).long(),
-        torch.from_numpy(share).float(),
     )
