@@ -98,3 +98,23 @@ def test_a_table_does_not_count_rows_another_presets_sweep_ran():
         df, report, {"data_attack": ["badnets"], "threat": ["t2_badnets"], "seed": ["0"]}
     )
     assert long[("acc", "mean")].tolist() == [0.2]
+
+
+def test_a_table_groups_by_a_swept_config_value():
+    """A budget sweep (`data_attack.poison_rate=0.003,0.03`) becomes one row per swept value, read from each
+    row's resolved config; the sweep's values select the rows, so a rate nobody swept stays out."""
+    from securetl.tables import build_table, flatten
+
+    def row(rate, seed, asr):
+        ch = {"dataset": "synthetic", "data_attack": "tact", "defense": "none", "probe": "finetune"}
+        cfg = {"data_attack": {"poison_rate": rate, "trigger": {"size": 4}}}
+        return {"choices": ch, "seed": seed, "config": cfg, "metrics": {"asr": asr}}
+
+    rows = [row(0.003, 0, 0.5), row(0.003, 1, 0.7), row(0.03, 0, 0.9), row(0.1, 0, 1.0)]
+    df = flatten(rows, ["data_attack.poison_rate"])
+    report = {"rows": ["data_attack", "data_attack.poison_rate"], "cols": [], "metrics": ["asr"]}
+    sweep = {"data_attack": ["tact"], "data_attack.poison_rate": ["0.003", "0.03"], "seed": ["0", "1"]}
+    _, missing, long = build_table(df, report, sweep)
+    assert long[("asr", "mean")].round(3).tolist() == [0.6, 0.9]
+    assert long.index.get_level_values(1).tolist() == ["0.003", "0.03"]
+    assert missing == ["data_attack=tact, data_attack.poison_rate=0.03, seed=1"]

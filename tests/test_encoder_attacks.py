@@ -7,10 +7,11 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from securetl.attacks.encoder import drupe as drupe_mod
 from securetl.attacks.encoder._common import offdiag_mean_cos, sliced_wasserstein
-from securetl.attacks.encoder.badencoder import cos
+from securetl.attacks.encoder.badencoder import BadEncoder, cos
 from securetl.attacks.encoder.corruptencoder import CorruptEncoder
 from securetl.attacks.encoder.ctrl import CTRL
 from securetl.attacks.encoder.drupe import DRUPE
@@ -197,7 +198,7 @@ def test_drupe_implants_a_backdoor_and_keeps_clean_embeddings():
         adapt_after=3,
     )
     ctx = RunContext(torch.device("cpu"), 0, 10, progress=False)
-    shadow_x, ref_x = attack.shadow_and_reference(data.pretrain, data.reference)
+    shadow_x, ref_x = attack.shadow_and_reference(data.pretrain, data.reference, clean)
     x, ref = to_float(shadow_x), to_float(ref_x)
     with torch.no_grad():
         bd_ref_before = cos(clean(trig.apply(x)).unsqueeze(1), clean(ref).unsqueeze(0)).max(1).values.mean()
@@ -271,3 +272,22 @@ def test_pretraining_attack_gets_its_own_cached_encoder(compose_cfg, monkeypatch
     _forbid(monkeypatch, obtain_mod, "pretrain")
     second = run(compose_cfg(over + ["seed=1"]))
     assert second["cache_keys"] == first["cache_keys"]
+
+
+def test_typical_references_are_the_target_images_deepest_inside_their_class():
+    """reference_choice='typical' ranks the attacker's target-class images by how far inside their class the
+    clean encoder puts them (own-centroid cosine minus the best other-centroid cosine)."""
+    from securetl.attacks.encoder.badencoder import typical_of_class
+
+    # a 2-d "encoder" that returns the input's first two pixels: class 0 around (1, 0), class 1 around (0, 1)
+    feats = torch.tensor([[250, 0], [250, 225], [250, 50], [0, 250], [25, 250]], dtype=torch.uint8)
+    x = torch.zeros(5, 3, 2, 2, dtype=torch.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = feats[:, 0], feats[:, 1]
+    pool = LabeledSet(x, torch.tensor([0, 0, 0, 1, 1]))
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(12, 2, bias=False))
+    with torch.no_grad():
+        enc[1].weight.zero_()
+        enc[1].weight[0, 0], enc[1].weight[1, 1] = 1.0, 1.0
+    assert typical_of_class(enc, pool, 0, 2, "cpu").tolist() == [0, 2]  # (1, 0.9) sits on the boundary
+    with pytest.raises(ValueError, match="reference_choice"):
+        BadEncoder(PatchTrigger(size=2), reference_choice="closest")

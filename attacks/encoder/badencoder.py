@@ -36,6 +36,29 @@ def freeze_bn_stats(model: nn.Module) -> None:
             m.eval()
 
 
+REFERENCE_CHOICES = ("random", "typical")
+
+
+def typical_of_class(encoder: nn.Module, pool: LabeledSet, cls: int, n: int, device: str) -> torch.Tensor:
+    """Indices (into `pool`) of the `n` images of class `cls` the encoder places most clearly inside their
+    class: largest cosine to their own class centroid minus the largest cosine to another class centroid,
+    centroids taken over the attacker's own labelled pool. An attacker who picks references by hand (the
+    DRUPE and BadEncoder releases ship hand-picked reference files) avoids images near a class boundary."""
+    encoder.eval()
+    with torch.no_grad():
+        f = torch.cat([encoder(to_float(pool.x[i : i + 256]).to(device)).cpu() for i in range(0, len(pool), 256)])
+    f = F.normalize(f, dim=-1)
+    classes = torch.unique(pool.y)
+    cent = F.normalize(torch.stack([f[pool.y == c].mean(0) for c in classes]), dim=-1)
+    sims = f @ cent.T
+    own = (classes == cls).nonzero().item()
+    others = sims.clone()
+    others[:, own] = -2.0
+    margin = sims[:, own] - others.max(1).values
+    cands = torch.nonzero(pool.y == cls).squeeze(1)
+    return cands[margin[cands].argsort(descending=True)[:n]]
+
+
 class BadEncoder(EncoderAttack):
     name = "badencoder"
     kind = "finetune"
@@ -54,7 +77,12 @@ class BadEncoder(EncoderAttack):
         weight_decay: float = 5e-4,
         batch_size: int = 128,
         seed: int = 0,
+        reference_choice: str = "random",
     ) -> None:
+        if reference_choice not in REFERENCE_CHOICES:
+            raise ValueError(
+                f"encoder_attack.reference_choice={reference_choice!r}; choose one of {REFERENCE_CHOICES}"
+            )
         if not 0.0 < shadow_fraction <= 1.0:
             raise ValueError(f"encoder_attack.shadow_fraction={shadow_fraction} must lie in (0, 1]")
         if n_reference < 1:
@@ -64,11 +92,13 @@ class BadEncoder(EncoderAttack):
         self.lambda1, self.lambda2 = lambda1, lambda2
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.batch_size, self.seed = batch_size, seed
+        self.reference_choice = reference_choice
 
     def shadow_and_reference(
-        self, pretrain: LabeledSet, reference_pool: LabeledSet
+        self, pretrain: LabeledSet, reference_pool: LabeledSet, encoder: nn.Module | None = None, device: str = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attacker's data: a fraction of the pre-training images, and target-class reference inputs."""
+        """The attacker's data: a fraction of the pre-training images, and target-class reference inputs
+        (`reference_choice`: drawn at random, or the most typical ones under the clean `encoder`)."""
         g = torch.Generator().manual_seed(self.seed)
         n_shadow = max(self.batch_size, int(round(self.shadow_fraction * len(pretrain))))
         shadow = pretrain.x[torch.randperm(len(pretrain), generator=g)[:n_shadow]]
@@ -77,8 +107,12 @@ class BadEncoder(EncoderAttack):
             raise ValueError(
                 f"only {len(cands)} reference images of class {self.target}, need {self.n_reference}"
             )
-        ref = reference_pool.x[cands[torch.randperm(len(cands), generator=g)[: self.n_reference]]]
-        return shadow, ref
+        drawn = cands[torch.randperm(len(cands), generator=g)[: self.n_reference]]
+        if self.reference_choice == "typical":
+            if encoder is None:
+                raise ValueError("reference_choice='typical' needs the clean encoder to rank the candidates")
+            drawn = typical_of_class(encoder, reference_pool, self.target, self.n_reference, device)
+        return shadow, reference_pool.x[drawn]
 
     def _setup(self, encoder: nn.Module, shadow: LabeledSet, reference: LabeledSet | None, ctx: RunContext):
         """What every BadEncoder-style implant starts from: the attacker's data, a frozen clean twin of the
@@ -89,7 +123,7 @@ class BadEncoder(EncoderAttack):
             )
         torch.manual_seed(self.seed)
         g = torch.Generator().manual_seed(self.seed + 1)
-        shadow_x, ref_x = self.shadow_and_reference(shadow, reference)
+        shadow_x, ref_x = self.shadow_and_reference(shadow, reference, encoder.to(ctx.device), ctx.device)
         clean = copy.deepcopy(encoder).eval().to(ctx.device)
         for p in clean.parameters():
             p.requires_grad_(False)

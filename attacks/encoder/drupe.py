@@ -40,7 +40,7 @@ class DRUPE(BadEncoder):
         self,
         trigger: Trigger,
         target: int = 0,
-        shadow_fraction: float = 0.2,
+        shadow_fraction: float = 0.5,
         n_reference: int = 3,
         lambda1: float = 1.0,
         lambda2: float = 1.0,
@@ -61,8 +61,9 @@ class DRUPE(BadEncoder):
         success_cos: float = 0.96,
         keep_cos: float = 0.9,
         concentration_target: float = 0.6,
-        reference_margin: float = 0.4,
+        reference_margin: float = 0.7,
         n_projections: int = 50,
+        reference_choice: str = "typical",
     ) -> None:
         """See conf/encoder_attack/drupe.yaml for what every key does and where its default comes from."""
         super().__init__(
@@ -78,6 +79,7 @@ class DRUPE(BadEncoder):
             weight_decay,
             batch_size,
             seed,
+            reference_choice,
         )
         if min(warmup_epochs, align_epochs, adapt_after) < 0:
             raise ValueError("encoder_attack.warmup_epochs, align_epochs and adapt_after must be >= 0")

@@ -1,7 +1,7 @@
 """`securetl-table NAME`: turn the rows of a sweep into the table a preset describes.
 
 A preset (conf/table/NAME.yaml) holds the sweep (`hydra.sweeper.params`) and a `report` layout:
-rows/cols (group names or `seed`), metrics, and `where` (fixed choices). Cells show mean ± std over seeds;
+rows/cols (group names, `seed`, or dotted config keys such as `data_attack.poison_rate`), metrics, and `where` (fixed choices). Cells show mean ± std over seeds;
 cells the sweep defines but no row fills are listed as missing. Writes results/tables/NAME.{md,csv,tex}.
 """
 
@@ -44,11 +44,27 @@ def load_preset(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
     }
 
 
-def flatten(rows: list[dict]) -> pd.DataFrame:
+def config_value(config: dict, dotted: str) -> Any:
+    """`data_attack.poison_rate` of a row's resolved config (None where the row's config lacks it)."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def flatten(rows: list[dict], config_keys: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """One record per row: its choices, seed, metrics, diagnostics and timings, plus the resolved config
+    values `config_keys` names (dotted paths such as `data_attack.poison_rate`, so that a table can group
+    by a swept hyperparameter, not only by a config group)."""
     recs = []
     for r in rows:
         rec = dict(r["choices"])
         rec["seed"] = r["seed"]
+        for k in config_keys:
+            v = config_value(r.get("config") or {}, k)
+            rec[k] = "None" if v is None else str(v)
         for k, v in r["metrics"].items():
             if isinstance(v, int | float):
                 rec[k] = v
@@ -149,7 +165,8 @@ def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Pat
         raise SystemExit(
             f"securetl-table: no rows under {Path(results_dir) / 'raw'}; run `securetl table={name}` first"
         )
-    disp, missing, long = build_table(flatten(rows), report, sweep)
+    keys = [*report.get("rows", []), *report.get("cols", []), *report.get("where", {}), *sweep]
+    disp, missing, long = build_table(flatten(rows, [k for k in keys if "." in k]), report, sweep)
     out_dir = Path(out_dir or Path(results_dir) / "tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     title = report.get("title", name)
