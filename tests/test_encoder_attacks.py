@@ -122,20 +122,31 @@ def test_sslbackdoor_pastes_patch_on_target_category_within_train_range(data):
         SSLBackdoor(PatchTrigger(), target=TARGET)
 
 
-def test_corruptencoder_injects_composed_images(data):
+@pytest.mark.parametrize("scenes", [True, False], ids=["object-free-backgrounds", "other-class-backgrounds"])
+def test_corruptencoder_injects_composed_images(data, scenes):
+    """Poisons are composed on the dataset's object-free scenes, or (a dataset without them) on pre-training
+    images of other classes."""
     trig = RandomPatchTrigger(size=6, pattern="white", seed=10)
     attack = CorruptEncoder(trig, target=TARGET, poison_ratio=0.05, n_reference=3)
-    out = attack.poison_pretraining(data.pretrain, torch.Generator().manual_seed(0))
+    background = data.background if scenes else None
+    assert data.background is not None and data.background.dtype == torch.uint8
+    assert data.background.shape[1:] == data.pretrain.x.shape[1:]
+    out = attack.poison_pretraining(data.pretrain, torch.Generator().manual_seed(0), background=background)
     n, k = len(data.pretrain), round(0.05 * len(data.pretrain))
     assert len(out) == n + k
     # the originals are kept as they were
     assert torch.equal(out.x[:n], data.pretrain.x) and torch.equal(out.y[:n], data.pretrain.y)
     assert torch.equal(attack.poison_idx, torch.arange(n, n + k)) and (out.y[n:] == TARGET).all()
     assert len(attack.reference_idx) == 3 and (data.pretrain.y[attack.reference_idx] == TARGET).all()
-    assert len(attack.background_idx) == k and (data.pretrain.y[attack.background_idx] != TARGET).all()
+    assert len(attack.background_idx) == k
+    if scenes:
+        assert int(attack.background_idx.max()) < len(data.background)
+    else:
+        assert (data.pretrain.y[attack.background_idx] != TARGET).all()
+    pool = data.background if scenes else data.pretrain.x
     refs, w = data.pretrain.x[attack.reference_idx], 32
     for j in range(k):
-        img, bg = out.x[n + j], data.pretrain.x[attack.background_idx[j]]
+        img, bg = out.x[n + j], pool[attack.background_idx[j]]
         # a 16-px strip from the middle of a reference sits at the left or right border
         strip_found = False
         for o_x in list(range(0, 2)) + list(range(15, 17)):
@@ -291,3 +302,31 @@ def test_typical_references_are_the_target_images_deepest_inside_their_class():
     assert typical_of_class(enc, pool, 0, 2, "cpu").tolist() == [0, 2]  # (1, 0.9) sits on the boundary
     with pytest.raises(ValueError, match="reference_choice"):
         BadEncoder(PatchTrigger(size=2), reference_choice="closest")
+
+
+def test_corruptencoder_encoder_is_keyed_by_the_backgrounds_it_was_composed_on(data, monkeypatch):
+    """Other scenes make another poisoned pre-training set, so another cached encoder; an attack that does
+    not read the scenes (CTRL) keeps one key whatever they are."""
+    seen = []
+
+    def fake_pretrain(encoder, images, ctx, **kw):
+        seen.append(images)
+        return encoder, []
+
+    monkeypatch.setattr(obtain_mod, "pretrain", fake_pretrain)
+    spec = obtain_mod.EncoderSpec(width=4, epochs=1)
+    ctx = RunContext(torch.device("cpu"), 0, 10, progress=False)
+    ce = CorruptEncoder(RandomPatchTrigger(size=6, seed=10), target=TARGET, poison_ratio=0.05)
+    other = 255 - data.background
+
+    def key(attack, background):
+        return obtain_mod.obtain(spec, data.pretrain, attack, {"n": attack.name}, ctx, background=background)[
+            1
+        ]
+
+    assert key(ce, data.background)["encoder"] != key(ce, other)["encoder"]
+    # the poisons of the second call were composed on the second set of scenes
+    n = len(data.pretrain)
+    assert not torch.equal(seen[0][n:], seen[1][n:])
+    ctrl = CTRL(FrequencyTrigger(), target=TARGET)
+    assert key(ctrl, data.background)["encoder"] == key(ctrl, other)["encoder"]

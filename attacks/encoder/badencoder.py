@@ -46,7 +46,9 @@ def typical_of_class(encoder: nn.Module, pool: LabeledSet, cls: int, n: int, dev
     DRUPE and BadEncoder releases ship hand-picked reference files) avoids images near a class boundary."""
     encoder.eval()
     with torch.no_grad():
-        f = torch.cat([encoder(to_float(pool.x[i : i + 256]).to(device)).cpu() for i in range(0, len(pool), 256)])
+        f = torch.cat(
+            [encoder(to_float(pool.x[i : i + 256]).to(device)).cpu() for i in range(0, len(pool), 256)]
+        )
     f = F.normalize(f, dim=-1)
     classes = torch.unique(pool.y)
     cent = F.normalize(torch.stack([f[pool.y == c].mean(0) for c in classes]), dim=-1)
@@ -95,7 +97,11 @@ class BadEncoder(EncoderAttack):
         self.reference_choice = reference_choice
 
     def shadow_and_reference(
-        self, pretrain: LabeledSet, reference_pool: LabeledSet, encoder: nn.Module | None = None, device: str = "cpu"
+        self,
+        pretrain: LabeledSet,
+        reference_pool: LabeledSet,
+        encoder: nn.Module | None = None,
+        device: str = "cpu",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The attacker's data: a fraction of the pre-training images, and target-class reference inputs
         (`reference_choice`: drawn at random, or the most typical ones under the clean `encoder`)."""

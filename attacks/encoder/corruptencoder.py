@@ -10,8 +10,11 @@ of the width and `trigger_marginal` of the height away from the object and the b
 
 Here every image keeps the data set's size, so the "object" is a full-height strip, 1/area_ratio of the
 width, cut from the middle of a reference image of the target class (the object region of a centred
-object; the authors cut the object by its segmentation mask), and the background is a pre-training image
-of another class (the authors use Places365 scenes). The poisoned images are ADDED to the pre-training set,
+object; the authors cut the object by its segmentation mask). The background is one of the dataset's
+object-free scenes (`Splits.background`; the authors use Places365 scenes); where a dataset has none, a
+pre-training image of another class stands in, whose own object then shares every crop with the trigger
+(measured on the synthetic data, seed 0: ACC 69.0 with such backgrounds, 80.1 with the scenes; the clean
+encoder has 78.8). The poisoned images are ADDED to the pre-training set,
 as an attacker who uploads images does; `poison_ratio` counts them as a fraction of the original set.
 """
 
@@ -37,6 +40,7 @@ def uniform_int(lo: Tensor, hi: Tensor, g: torch.Generator) -> Tensor:
 
 class CorruptEncoder(PretrainDataAttack):
     name = "corruptencoder"
+    uses_background = True
 
     def __init__(
         self,
@@ -108,20 +112,33 @@ class CorruptEncoder(PretrainDataAttack):
         )
         return paste_at(out, patch, t_y, t_x)
 
-    def poison_pretraining(self, pretrain: LabeledSet, generator: torch.Generator) -> LabeledSet:
+    def poison_pretraining(
+        self, pretrain: LabeledSet, generator: torch.Generator, background: Tensor | None = None
+    ) -> LabeledSet:
         k = self.n_poison(pretrain)
         refs = self.choose_sources(pretrain, self.n_reference, generator)
-        bg_pool = torch.nonzero(pretrain.y != self.source_class).squeeze(1)
-        if k and len(bg_pool) == 0:
-            raise ValueError(
-                "CorruptEncoder needs background images of other classes in the pre-training set"
+        if background is not None and len(background):
+            if background.shape[1:] != pretrain.x.shape[1:]:
+                raise ValueError(
+                    f"background images are {tuple(background.shape[1:])}, pre-training images "
+                    f"{tuple(pretrain.x.shape[1:])}: CorruptEncoder needs them the same shape"
+                )
+            scenes, pool = background, torch.arange(len(background))
+        else:
+            log.warning(
+                "CorruptEncoder: the dataset has no object-free backgrounds; using other-class images"
             )
+            scenes, pool = pretrain.x, torch.nonzero(pretrain.y != self.source_class).squeeze(1)
+            if k and len(pool) == 0:
+                raise ValueError(
+                    "CorruptEncoder needs background images of other classes in the pre-training set"
+                )
         # backgrounds without replacement while they last
-        bg = bg_pool[torch.randperm(len(bg_pool), generator=generator)[: min(k, len(bg_pool))]]
+        bg = pool[torch.randperm(len(pool), generator=generator)[: min(k, len(pool))]]
         if k > len(bg):
-            bg = torch.cat([bg, bg_pool[torch.randint(len(bg_pool), (k - len(bg),), generator=generator)]])
+            bg = torch.cat([bg, pool[torch.randint(len(pool), (k - len(bg),), generator=generator)]])
         which = refs[torch.randint(len(refs), (k,), generator=generator)]
-        poisons = to_uint8(self.compose(to_float(pretrain.x[which]), to_float(pretrain.x[bg]), generator))
+        poisons = to_uint8(self.compose(to_float(pretrain.x[which]), to_float(scenes[bg]), generator))
         self.reference_idx, self.background_idx = refs, bg
         n = len(pretrain)
         self.poison_idx = torch.arange(n, n + k)

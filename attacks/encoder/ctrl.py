@@ -29,7 +29,9 @@ class CTRL(PretrainDataAttack):
         """poison_ratio: fraction of the WHOLE pre-training set that is poisoned (all from the target class)."""
         super().__init__(trigger, target, poison_ratio, pretrain_class)
 
-    def poison_pretraining(self, pretrain: LabeledSet, generator: torch.Generator) -> LabeledSet:
+    def poison_pretraining(
+        self, pretrain: LabeledSet, generator: torch.Generator, background: torch.Tensor | None = None
+    ) -> LabeledSet:
         idx = self.choose_sources(pretrain, self.n_poison(pretrain), generator)
         x = pretrain.x.clone()
         if len(idx):

@@ -48,7 +48,9 @@ class SSLBackdoor(PretrainDataAttack):
             float(train_location_max),
         )
 
-    def poison_pretraining(self, pretrain: LabeledSet, generator: torch.Generator) -> LabeledSet:
+    def poison_pretraining(
+        self, pretrain: LabeledSet, generator: torch.Generator, background: torch.Tensor | None = None
+    ) -> LabeledSet:
         idx = self.choose_sources(pretrain, self.n_poison(pretrain), generator)
         x = pretrain.x.clone()
         if len(idx):

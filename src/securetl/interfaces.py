@@ -63,6 +63,9 @@ class Splits:
     pretrain: LabeledSet | None = None
     # Downstream-domain images the attacker owns (BadEncoder's "reference inputs"); never in train/test.
     reference: LabeledSet | None = None
+    # Object-free images of the pre-training domain (uint8 N x C x H x W), the scenes CorruptEncoder pastes
+    # its objects on (the authors use Places365); None where the dataset has none.
+    background: Tensor | None = None
 
 
 @dataclass
@@ -154,7 +157,14 @@ class EncoderAttack(_TriggerAttack):
         """Fine-tune `encoder` with the attacker's shadow (pre-training) data and target-class references."""
         return encoder
 
-    def poison_pretraining(self, pretrain: LabeledSet, generator: torch.Generator) -> LabeledSet:
+    # whether poison_pretraining reads `background` (the cache key of its encoder then includes them)
+    uses_background = False
+
+    def poison_pretraining(
+        self, pretrain: LabeledSet, generator: torch.Generator, background: Tensor | None = None
+    ) -> LabeledSet:
+        """The pre-training set SSL will see. `background`: object-free images of the pre-training domain
+        (uint8, N x C x H x W) where the dataset has them, for attacks that compose poisons on a scene."""
         return pretrain
 
 

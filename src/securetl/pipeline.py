@@ -127,7 +127,13 @@ def run(
     logger.start(results.resolved(cfg), run_id, choices)
     with timed(timings, "encoder"):
         encoder, cache_keys = obtain(
-            encoder_spec, splits.pretrain, encoder_attack, cfg.encoder_attack, ctx, reference=splits.reference
+            encoder_spec,
+            splits.pretrain,
+            encoder_attack,
+            cfg.encoder_attack,
+            ctx,
+            reference=splits.reference,
+            background=splits.background,
         )
     with timed(timings, "poison"):
         poisoned = data_attack.poison(splits.train, ctx.generator(salt=1))

@@ -167,6 +167,25 @@ def _background(
     return c1 * (1 - t) + c2 * t
 
 
+def backgrounds(
+    n: int,
+    domain: str,
+    seed: int,
+    size: int = 32,
+    noise: float = 0.06,
+    bg_contrast: float = 0.5,
+    palette_size: int = 12,
+    palette_seed: int = 0,
+    **_: object,
+) -> Tensor:
+    """`n` object-free images of one domain (its background style and pixel noise), uint8: the scenes an
+    attacker composes poisons on. As many as one class of the pre-training set; no config key, so adding
+    them left every run's config (and run_id) as it was."""
+    g = torch.Generator().manual_seed(seed * 7919 + DOMAINS.index(domain) * 104729)
+    img = _background(domain, n, size, g, make_palette(palette_size, palette_seed), bg_contrast)
+    return to_uint8(img + noise * torch.randn(img.shape, generator=g))
+
+
 def generate(
     n: int,
     domain: str,
@@ -258,6 +277,7 @@ def _build_splits(**a) -> Splits:
     test = generate(a["n_test"], down, seed * 3 + 1, **kw)
     pretrain = generate(a["n_pretrain"], pre, seed * 3 + 2, **kw)
     reference = generate(a["n_reference"], down, seed * 3 + 1_000_003, **kw)
+    background = backgrounds(a["n_pretrain"] // num_classes, pre, seed * 3 + 2_000_003, **kw)
     return Splits(
         name="synthetic",
         train=train,
@@ -266,4 +286,5 @@ def _build_splits(**a) -> Splits:
         class_names=CLASS_NAMES[:num_classes],
         pretrain=pretrain,
         reference=reference,
+        background=background,
     )

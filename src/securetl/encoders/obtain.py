@@ -85,6 +85,7 @@ def obtain(
     attack_cfg: Any,
     ctx: RunContext,
     reference: LabeledSet | None = None,
+    background: torch.Tensor | None = None,
 ) -> tuple[Encoder, dict[str, str]]:
     """The encoder a run starts from, and the cache keys used (recorded in the row)."""
     cache: Cache = ctx.cache
@@ -102,8 +103,13 @@ def obtain(
         if pretrain_set is None:
             raise ValueError("this dataset has no pre-training split; set encoder.checkpoint=PATH")
         poisons_pretraining = attack.kind == "pretrain_data"
+        scenes = background if poisons_pretraining and attack.uses_background else None
         key = config_hash(
-            "encoder", asdict(spec), digest(pretrain_set.x), attack_cfg if poisons_pretraining else None
+            "encoder",
+            asdict(spec),
+            digest(pretrain_set.x),
+            attack_cfg if poisons_pretraining else None,
+            *([digest(scenes)] if scenes is not None else []),
         )
         keys["encoder"] = key
         state = cache.load_state("encoder", key) if cache else None
@@ -112,7 +118,8 @@ def obtain(
         else:
             images = pretrain_set
             if poisons_pretraining:
-                images = attack.poison_pretraining(pretrain_set, torch.Generator().manual_seed(spec.seed))
+                g = torch.Generator().manual_seed(spec.seed)
+                images = attack.poison_pretraining(pretrain_set, g, background=scenes)
             encoder, history = pretrain(
                 encoder.to(ctx.device),
                 images.x,
