@@ -167,6 +167,11 @@ def _background(
     return c1 * (1 - t) + c2 * t
 
 
+def domain_generator(domain: str, seed: int) -> torch.Generator:
+    """The random stream of one domain's images for a seed (domains never share one)."""
+    return torch.Generator().manual_seed(seed * 7919 + DOMAINS.index(domain) * 104729)
+
+
 def backgrounds(
     n: int,
     domain: str,
@@ -181,7 +186,7 @@ def backgrounds(
     """`n` object-free images of one domain (its background style and pixel noise), uint8: the scenes an
     attacker composes poisons on. As many as one class of the pre-training set; no config key, so adding
     them left every run's config (and run_id) as it was."""
-    g = torch.Generator().manual_seed(seed * 7919 + DOMAINS.index(domain) * 104729)
+    g = domain_generator(domain, seed)
     img = _background(domain, n, size, g, make_palette(palette_size, palette_seed), bg_contrast)
     return to_uint8(img + noise * torch.randn(img.shape, generator=g))
 
@@ -205,7 +210,7 @@ def generate(
     """`n` labelled images of one domain. Balanced classes (n // num_classes each, remainder spread)."""
     if not 2 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"synthetic data has at most {len(CLASS_NAMES)} classes, asked for {num_classes}")
-    g = torch.Generator().manual_seed(seed * 7919 + DOMAINS.index(domain) * 104729)
+    g = domain_generator(domain, seed)
     y = torch.arange(n) % num_classes
     y = y[torch.randperm(n, generator=g)]
     palette = make_palette(palette_size, palette_seed)
