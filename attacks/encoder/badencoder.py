@@ -113,12 +113,13 @@ class BadEncoder(EncoderAttack):
             raise ValueError(
                 f"only {len(cands)} reference images of class {self.target}, need {self.n_reference}"
             )
-        drawn = cands[torch.randperm(len(cands), generator=g)[: self.n_reference]]
-        if self.reference_choice == "typical":
-            if encoder is None:
-                raise ValueError("reference_choice='typical' needs the clean encoder to rank the candidates")
-            drawn = typical_of_class(encoder, reference_pool, self.target, self.n_reference, device)
-        return shadow, reference_pool.x[drawn]
+        if self.reference_choice == "random":
+            chosen = cands[torch.randperm(len(cands), generator=g)[: self.n_reference]]
+        elif encoder is None:
+            raise ValueError("reference_choice='typical' needs the clean encoder to rank the candidates")
+        else:
+            chosen = typical_of_class(encoder, reference_pool, self.target, self.n_reference, device)
+        return shadow, reference_pool.x[chosen]
 
     def _setup(self, encoder: nn.Module, shadow: LabeledSet, reference: LabeledSet | None, ctx: RunContext):
         """What every BadEncoder-style implant starts from: the attacker's data, a frozen clean twin of the

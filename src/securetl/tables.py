@@ -1,8 +1,9 @@
 """`securetl-table NAME`: turn the rows of a sweep into the table a preset describes.
 
 A preset (conf/table/NAME.yaml) holds the sweep (`hydra.sweeper.params`) and a `report` layout:
-rows/cols (group names, `seed`, or dotted config keys such as `data_attack.poison_rate`), metrics, and `where` (fixed choices). Cells show mean ± std over seeds;
-cells the sweep defines but no row fills are listed as missing. Writes results/tables/NAME.{md,csv,tex}.
+rows/cols (group names, `seed`, or dotted config keys such as `data_attack.poison_rate`), metrics, and
+`where` (fixed choices). Cells show mean ± std over seeds; cells the sweep defines but no row fills are
+listed as missing. Writes results/tables/NAME.{md,csv,tex}.
 """
 
 from __future__ import annotations

@@ -104,12 +104,14 @@ def obtain(
             raise ValueError("this dataset has no pre-training split; set encoder.checkpoint=PATH")
         poisons_pretraining = attack.kind == "pretrain_data"
         scenes = background if poisons_pretraining and attack.uses_background else None
+        # the scenes enter the key only when read, so other encoders keep the keys they were cached under
+        scene_key = (digest(scenes),) if scenes is not None else ()
         key = config_hash(
             "encoder",
             asdict(spec),
             digest(pretrain_set.x),
             attack_cfg if poisons_pretraining else None,
-            *([digest(scenes)] if scenes is not None else []),
+            *scene_key,
         )
         keys["encoder"] = key
         state = cache.load_state("encoder", key) if cache else None
