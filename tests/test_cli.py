@@ -100,6 +100,35 @@ def test_a_table_does_not_count_rows_another_presets_sweep_ran():
     assert long[("acc", "mean")].tolist() == [0.2]
 
 
+def test_a_table_prefers_its_own_rows_to_rows_run_with_settings_it_does_not_describe():
+    """Another table's encoder-seed rows (`encoder.seed=1`) share the choices of Threat-1's clean-encoder
+    row, yet computed something else: per cell and seed, rows with the fewest overrides the table neither
+    sweeps, fixes nor groups by win. A sweep that only ran with such settings still fills the table."""
+    from securetl.tables import build_table, extra_overrides, flatten
+
+    keys = {"encoder_attack", "data_attack", "defense", "probe", "seed", "dataset"}
+    plain = ["table=threat1_synthetic", "encoder_attack=none", "progress=false"]
+    assert extra_overrides({"overrides": plain}, keys) == []
+    assert extra_overrides({"overrides": [*plain, "encoder.seed=1"]}, keys) == ["encoder.seed=1"]
+    assert extra_overrides({"overrides": ["encoder.seed=1"]}, keys | {"encoder.seed"}) == []
+
+    def row(acc, seed, extra=()):
+        ch = {"dataset": "synthetic", "encoder_attack": "none", "probe": "linear"}
+        r = {"choices": ch, "seed": seed, "metrics": {"acc": acc}, "overrides": [*plain, *extra]}
+        r["_extra"] = ";".join(extra_overrides(r, keys))
+        return r
+
+    report = {"rows": ["encoder_attack"], "cols": [], "metrics": ["acc"]}
+    sweep = {"encoder_attack": ["none"], "seed": ["0", "1"]}
+    mixed = [row(0.8, 0), row(0.6, 0, ["encoder.seed=1"]), row(0.7, 1, ["encoder.seed=1"])]
+    _, missing, long = build_table(flatten(mixed), report, sweep)
+    # seed 0: the plain row alone; seed 1 has only the other setting, and the table says so
+    assert long[("acc", "mean")].round(3).tolist() == [0.75] and missing == []
+    assert long.attrs["extra"] == ["encoder.seed=1"]
+    _, _, only_plain = build_table(flatten(mixed[:1]), report, {"encoder_attack": ["none"], "seed": ["0"]})
+    assert only_plain.attrs["extra"] == []
+
+
 def test_a_table_groups_by_a_swept_config_value():
     """A budget sweep (`data_attack.poison_rate=0.003,0.03`) becomes one row per swept value, read from each
     row's resolved config; the sweep's values select the rows, so a rate nobody swept stays out."""

@@ -63,6 +63,8 @@ def flatten(rows: list[dict], config_keys: list[str] | tuple[str, ...] = ()) -> 
     for r in rows:
         rec = dict(r["choices"])
         rec["seed"] = r["seed"]
+        if "_extra" in r:
+            rec["_extra"] = r["_extra"]
         for k in config_keys:
             v = config_value(r.get("config") or {}, k)
             rec[k] = "None" if v is None else str(v)
@@ -112,6 +114,7 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
     if "seed" in sweep and "seed" in df:
         df = df[df["seed"].astype(str).isin(sweep["seed"])]
     keys = rows + cols
+    df = prefer_plain_rows(df, [k for k in keys if k in df] + ["seed"])
     missing: list[str] = []
     grid_axes = [
         sweep.get(k) or sorted(df[k].astype(str).unique()) if k in df or k in sweep else [] for k in keys
@@ -130,6 +133,8 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
         return pd.DataFrame(), missing, pd.DataFrame()
     agg = df.groupby(keys, dropna=False)[present].agg(["mean", "std", "count"])
     long = agg.copy()
+    # settings the preset does not set, under which some of the kept rows ran (said under the table)
+    long.attrs["extra"] = sorted({e for x in df.get("_extra", []) for e in x.split(";") if e})
     disp = pd.DataFrame(index=agg.index)
     for m in present:
         pct = not m.startswith("time:") and not m.startswith("diag:") or m.endswith("purity")
@@ -158,6 +163,32 @@ def _col_order(col: str, cols: list[str], sweep: dict, metrics: list[str]) -> tu
     return tuple(order)
 
 
+# overrides that do not change what a run computes (where it writes, whether it shows progress, ...)
+NEUTRAL_OVERRIDES = {"table", "progress", "resume", "cache", "logger", "device", "paths"}
+
+
+def extra_overrides(row: dict, keys: set[str]) -> list[str]:
+    """The overrides a row was run with that the table neither sweeps, fixes nor groups by and that change
+    what a run computes (another encoder, a changed trigger, another encoder seed, ...)."""
+    out = []
+    for override in row.get("overrides") or []:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key not in keys and key not in NEUTRAL_OVERRIDES and not key.startswith(("hydra.", "paths.")):
+            out.append(override)
+    return sorted(out)
+
+
+def prefer_plain_rows(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Per cell and seed, keep the rows run with the fewest extra overrides: a table's own sweep wins over
+    another table's rows that share its choices (`encoder.seed=1` rows beside Threat-1's clean encoder),
+    while a sweep run only with extra settings (a smaller dataset, say) still fills the table."""
+    if "_extra" not in df or df.empty:
+        return df
+    n = df["_extra"].map(lambda e: len(e.split(";")) if e else 0)
+    fewest = n.groupby([df[k].astype(str) for k in by], dropna=False).transform("min")
+    return df[n == fewest]
+
+
 def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Path | None = None) -> str:
     preset = load_preset(name, conf_dir)
     report, sweep = preset["report"], preset["sweep"]
@@ -167,7 +198,11 @@ def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Pat
             f"securetl-table: no rows under {Path(results_dir) / 'raw'}; run `securetl table={name}` first"
         )
     keys = [*report.get("rows", []), *report.get("cols", []), *report.get("where", {}), *sweep]
-    disp, missing, long = build_table(flatten(rows, [k for k in keys if "." in k]), report, sweep)
+    for r in rows:
+        r["_extra"] = ";".join(extra_overrides(r, set(keys)))
+    # dotted config keys, not group overrides such as `trigger@eval.reference_trigger`
+    config_keys = [k for k in keys if "." in k and "@" not in k]
+    disp, missing, long = build_table(flatten(rows, config_keys), report, sweep)
     out_dir = Path(out_dir or Path(results_dir) / "tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     title = report.get("title", name)
@@ -182,6 +217,12 @@ def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Pat
         + (disp.reset_index().to_markdown(index=False) if len(disp) else "_no matching rows_")
         + "\n"
     )
+    if len(long) and long.attrs.get("extra"):
+        md += (
+            "\nSome rows ran with settings this preset does not set: "
+            + ", ".join(f"`{e}`" for e in long.attrs["extra"])
+            + "\n"
+        )
     if missing:
         md += f"\nMissing cells ({len(missing)}):\n" + "".join(f"- {m}\n" for m in missing)
     (out_dir / f"{name}.md").write_text(md)
