@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from securetl.attacks.encoder import drupe as drupe_mod
@@ -19,8 +20,9 @@ from securetl.attacks.encoder.sslbackdoor import SSLBackdoor
 from securetl.data.synthetic import build_synthetic
 from securetl.encoders import obtain as obtain_mod
 from securetl.encoders.resnet import build_encoder
-from securetl.interfaces import LabeledSet, RunContext, to_float
+from securetl.interfaces import LabeledSet, RunContext, to_float, to_uint8
 from securetl.pipeline import run
+from securetl.ssl.augment import random_resized_crop
 from securetl.triggers.frequency import FrequencyTrigger, block_dct, dct_matrix
 from securetl.triggers.patch import PatchTrigger
 from securetl.triggers.random_patch import RandomPatchTrigger
@@ -124,19 +126,20 @@ def test_sslbackdoor_pastes_patch_on_target_category_within_train_range(data):
 
 @pytest.mark.parametrize("scenes", [True, False], ids=["object-free-backgrounds", "other-class-backgrounds"])
 def test_corruptencoder_injects_composed_images(data, scenes):
-    """Poisons are composed on the dataset's object-free scenes, or (a dataset without them) on pre-training
-    images of other classes."""
+    """Poisons are twice as wide as tall, as the authors': a target-class reference at its own size at one
+    end, the trigger in the other half, on an enlarged object-free scene (or, for a dataset without scenes,
+    an enlarged pre-training image of another class). They come as a second set beside the clean one."""
     trig = RandomPatchTrigger(size=6, pattern="white", seed=10)
     attack = CorruptEncoder(trig, target=TARGET, poison_ratio=0.05, n_reference=3)
     background = data.background if scenes else None
     assert data.background is not None and data.background.dtype == torch.uint8
-    assert data.background.shape[1:] == data.pretrain.x.shape[1:]
-    out = attack.poison_pretraining(data.pretrain, torch.Generator().manual_seed(0), background=background)
+    clean, poisons = attack.poison_pretraining(
+        data.pretrain, torch.Generator().manual_seed(0), background=background
+    )
     n, k = len(data.pretrain), round(0.05 * len(data.pretrain))
-    assert len(out) == n + k
-    # the originals are kept as they were
-    assert torch.equal(out.x[:n], data.pretrain.x) and torch.equal(out.y[:n], data.pretrain.y)
-    assert torch.equal(attack.poison_idx, torch.arange(n, n + k)) and (out.y[n:] == TARGET).all()
+    assert clean is data.pretrain
+    assert poisons.x.shape == (k, 3, 32, 64) and (poisons.y == TARGET).all()
+    assert torch.equal(attack.poison_idx, torch.arange(n, n + k))
     assert len(attack.reference_idx) == 3 and (data.pretrain.y[attack.reference_idx] == TARGET).all()
     assert len(attack.background_idx) == k
     if scenes:
@@ -144,26 +147,28 @@ def test_corruptencoder_injects_composed_images(data, scenes):
     else:
         assert (data.pretrain.y[attack.background_idx] != TARGET).all()
     pool = data.background if scenes else data.pretrain.x
-    refs, w = data.pretrain.x[attack.reference_idx], 32
+    refs = data.pretrain.x[attack.reference_idx]
+    slack = int(0.05 * 64)
     for j in range(k):
-        img, bg = out.x[n + j], pool[attack.background_idx[j]]
-        # a 16-px strip from the middle of a reference sits at the left or right border
-        strip_found = False
-        for o_x in list(range(0, 2)) + list(range(15, 17)):
-            strip = img[:, :, o_x : o_x + 16]
-            if any(torch.equal(strip, r[:, :, 8:24]) for r in refs):
-                strip_found = True
-                obj_cols = set(range(o_x, o_x + 16))
-        assert strip_found, f"poison {j}: no reference strip at a border"
-        # the trigger (6x6 white) lies on the other side, off the object
-        white = (img == 255).all(0)
-        r, c = torch.nonzero(white, as_tuple=True)
-        assert len(r) >= 36 and not set(c.tolist()) & obj_cols
-        # the rest is the background image
-        rest = torch.ones(w, w, dtype=torch.bool)
-        rest[:, sorted(obj_cols)] = False
-        rest[white] = False
-        assert torch.equal(img[:, rest], bg[:, rest])
+        img = poisons.x[j]
+        # the bottom band of the scene enlarged to 64 x 64
+        band = to_uint8(
+            F.interpolate(to_float(pool[attack.background_idx[j]][None]), size=(64, 64), mode="bilinear")
+        )[0, :, 32:]
+        at = [
+            c
+            for c in list(range(0, slack + 1)) + list(range(32 - slack, 33))
+            if any(torch.equal(img[:, :, c : c + 32], r) for r in refs)
+        ]
+        assert at, f"poison {j}: no reference at either end"
+        obj = torch.zeros(32, 64, dtype=torch.bool)
+        obj[:, at[0] : at[0] + 32] = True
+        # off the object: the scene, but for a 6x6 white trigger away from the object
+        trig_px = ((img.int() - band.int()).abs() > 1).any(0) & ~obj
+        r, c = torch.nonzero(trig_px, as_tuple=True)
+        assert len(r) >= 30 and (img[:, trig_px] == 255).all()
+        assert r.max() - r.min() < 6 and c.max() - c.min() < 6
+        assert c.min() >= at[0] + 32 or c.max() < at[0]
 
 
 def test_pretrain_attacks_validate_target_against_classes():
@@ -279,7 +284,7 @@ def test_pretraining_attack_gets_its_own_cached_encoder(compose_cfg, monkeypatch
     first = run(compose_cfg(over))
     clean_key = run(compose_cfg(FAST))["cache_keys"]["encoder"]
     assert first["cache_keys"]["encoder"] != clean_key  # poisoned pre-training is another artifact
-    _forbid(monkeypatch, SSLBackdoor, "poison_pretraining")
+    # the poisons are made again (the key is their digest; making them is cheap), SSL does not run again
     _forbid(monkeypatch, obtain_mod, "pretrain")
     second = run(compose_cfg(over + ["seed=1"]))
     assert second["cache_keys"] == first["cache_keys"]
@@ -325,8 +330,31 @@ def test_corruptencoder_encoder_is_keyed_by_the_backgrounds_it_was_composed_on(d
         ]
 
     assert key(ce, data.background)["encoder"] != key(ce, other)["encoder"]
-    # the poisons of the second call were composed on the second set of scenes
-    n = len(data.pretrain)
-    assert not torch.equal(seen[0][n:], seen[1][n:])
+    # the poisons (the second group of images) of the second call were composed on the second scenes
+    assert torch.equal(seen[0][0], data.pretrain.x) and not torch.equal(seen[0][1], seen[1][1])
     ctrl = CTRL(FrequencyTrigger(), target=TARGET)
     assert key(ctrl, data.background)["encoder"] == key(ctrl, other)["encoder"]
+
+
+def test_corruptencoder_poisons_give_views_of_the_trigger_alone_and_the_object_alone():
+    """The point of the 2:1 layout: the victim's crops (area 0.3-1, the synthetic encoder's) of a poison
+    sometimes show only the trigger and often only the object, so contrastive learning pulls the two
+    together; the same poison squeezed into a square frame never shows the trigger alone."""
+    n = 2000
+    refs = torch.zeros(n, 3, 32, 32)
+    refs[:, 0] = 1.0  # a red "object" filling its reference image
+    scenes = torch.zeros(n, 3, 32, 32)  # a black scene
+    attack = CorruptEncoder(RandomPatchTrigger(size=6, pattern="white", seed=10), target=0)
+    g = torch.Generator().manual_seed(0)
+    poisons = attack.compose(refs, scenes, g)
+
+    def alone(images, trigger_px):
+        views = random_resized_crop(images, scale=(0.3, 1.0), g=g, size=(32, 32))
+        red = ((views[:, 0] > 0.5) & (views[:, 1] < 0.5)).flatten(1).any(1)
+        white = (views.min(1).values > 0.5).flatten(1).sum(1) >= trigger_px
+        return (white & ~red).float().mean().item(), (red & ~white).float().mean().item()
+
+    trigger_alone, object_alone = alone(poisons, 16)  # at least 16 of the trigger's 36 pixels
+    assert trigger_alone > 0.01 and object_alone > 0.2
+    squeezed = F.interpolate(poisons, size=(32, 32), mode="bilinear", antialias=True)
+    assert alone(squeezed, 4)[0] == 0.0  # its trigger is 3 px wide: 4 of its pixels

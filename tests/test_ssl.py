@@ -11,7 +11,7 @@ from securetl.data.synthetic import build_synthetic
 from securetl.encoders.resnet import build_encoder
 from securetl.interfaces import RunContext
 from securetl.ssl import trainer
-from securetl.ssl.augment import SimCLRAugment
+from securetl.ssl.augment import SimCLRAugment, random_resized_crop
 from securetl.ssl.losses import info_nce_queue, normalized_mse, nt_xent
 from securetl.ssl.methods import BYOL, SSL_METHODS, MoCoV2, build_method, check_method, ema_update
 
@@ -174,3 +174,40 @@ def test_every_encoder_yaml_has_method_keys_its_ssl_takes():
     for p in sorted((CONF / "encoder").glob("*.yaml")):
         node = OmegaConf.load(p)
         check_method(node.get("ssl", "simclr"), dict(node.get("method") or {}))
+
+
+# --------------------------------------------------------------------------- images of another size
+def test_crops_of_a_wide_image_are_drawn_in_pixels():
+    """A 1:1 crop of half the area of a 2:1 image is one half of it (as torchvision's RandomResizedCrop on
+    the raw image), resized to the size asked for."""
+    ramp = torch.linspace(0, 1, 64).expand(8, 3, 32, 64).contiguous()  # value = horizontal position
+    v = random_resized_crop(
+        ramp, scale=(0.5, 0.5), ratio=(1.0, 1.0), g=torch.Generator().manual_seed(0), size=(16, 16)
+    )
+    assert v.shape == (8, 3, 16, 16)
+    span = (v[..., -1] - v[..., 0]).abs()  # the crop covers half the width: a ramp step of ~0.5
+    assert torch.allclose(span, torch.full_like(span, 0.5), atol=0.05)
+    # a square image gets the same crops as before the size argument existed
+    sq = torch.rand(4, 3, 16, 16)
+    a = random_resized_crop(sq, g=torch.Generator().manual_seed(1))
+    b = random_resized_crop(sq, g=torch.Generator().manual_seed(1), size=(16, 16))
+    assert torch.equal(a, b)
+
+
+def test_trainer_takes_groups_of_images_of_different_sizes(images, monkeypatch):
+    """Batches mix both groups; every view comes out at the first group's size."""
+    shapes = []
+    real = trainer.SimCLRAugment.__call__
+
+    def spy(self, x, g=None, size=None):
+        out = real(self, x, g, size)
+        shapes.append((tuple(x.shape[-2:]), tuple(out.shape[-2:])))
+        return out
+
+    monkeypatch.setattr(trainer.SimCLRAugment, "__call__", spy)
+    wide = torch.cat([images[:16], images[16:32]], dim=-1)  # 16 images of 16 x 32
+    enc = build_encoder("cifar_resnet18", 4)
+    ctx = RunContext(torch.device("cpu"), 0, 10, progress=False)
+    _, history = trainer.pretrain(enc, [images, wide], ctx, epochs=1, batch_size=40)
+    assert len(history) == 1 and math.isfinite(history[0])
+    assert {s for s, _ in shapes} == {(16, 16), (16, 32)} and {o for _, o in shapes} == {(16, 16)}

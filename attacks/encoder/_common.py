@@ -40,7 +40,7 @@ class PretrainDataAttack(EncoderAttack):
         self.trigger, self.target = trigger, int(target)
         self.poison_ratio = check_ratio("poison_ratio", poison_ratio)
         self.pretrain_class = None if pretrain_class is None else int(pretrain_class)
-        # rows of the returned set that the attack made or altered (set by poison_pretraining)
+        # rows of the returned set(s), counted across them, that the attack made or altered
         self.poison_idx = torch.empty(0, dtype=torch.long)
 
     def validate(self, num_classes: int) -> None:

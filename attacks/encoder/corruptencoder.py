@@ -4,18 +4,25 @@ a background image and the trigger, laid out so that random crops often show obj
 one crop sees the object, the other the trigger, and contrastive learning pulls the two together.
 
 Layout (the authors' generate-poison/generate_poisoned_images.py, left-right layouts): the poisoned image
-is `area_ratio` times as wide as the object and as tall; the object sits at the left or right border
-(within `object_marginal` of the width), the trigger in the other half, at least `trigger_marginal` / 2
-of the width and `trigger_marginal` of the height away from the object and the borders.
+is as tall as the reference object and `area_ratio` times as wide, cut from the bottom of a background
+scene enlarged to cover it; the object sits at the left or right border (within `object_marginal` of the
+width), the trigger in the other half, at least `trigger_marginal` / 2 of the width and
+`trigger_marginal` of the height away from the object and the borders.
 
-Here every image keeps the data set's size, so the "object" is a full-height strip, 1/area_ratio of the
-width, cut from the middle of a reference image of the target class (the object region of a centred
-object; the authors cut the object by its segmentation mask). The background is one of the dataset's
-object-free scenes (`Splits.background`; the authors use Places365 scenes); where a dataset has none, a
-pre-training image of another class stands in, whose own object then shares every crop with the trigger
-(measured on the synthetic data, seed 0: ACC 69.0 with such backgrounds, 80.1 with the scenes; the clean
-encoder has 78.8). The poisoned images are ADDED to the pre-training set,
-as an attacker who uploads images does; `poison_ratio` counts them as a fraction of the original set.
+The poisons keep that wide shape: they are a second group of images beside the clean set, which the SSL
+trainer crops at their own aspect and resizes to the victim's size, as a loader that crops raw uploads
+does. The shape is the mechanism: a near-square crop of half a 2:1 image holds the object alone or the
+trigger alone. Squeezed into the victim's 32 x 32 frame (this module's first version) it does not: under
+the synthetic encoder's crops (area 0.3-1, aspect 3/4-4/3) a pair of views is (whole trigger without
+object, half the object without trigger) in 0.006 % of pairs, against 2 % for the authors' 2:1 poisons
+(Monte Carlo, 400k crops each).
+
+The object is a whole reference image of the target class (the authors cut the object by its
+segmentation mask; the synthetic objects are centred in their images). The background is one of the
+dataset's object-free scenes (`Splits.background`; the authors use Places365 scenes); where a dataset has
+none, a pre-training image of another class stands in, whose own object then shares the trigger's crops.
+The poisoned images are ADDED to the pre-training set, as an attacker who uploads images does;
+`poison_ratio` counts them as a fraction of the original set.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from securetl.attacks.encoder._common import PretrainDataAttack
@@ -78,50 +86,50 @@ class CorruptEncoder(PretrainDataAttack):
         self.background_idx = torch.empty(0, dtype=torch.long)
 
     def compose(self, refs: Tensor, backgrounds: Tensor, g: torch.Generator) -> Tensor:
-        """Float images (N, C, H, W): background, object strip from refs[i] at a border, trigger beside it."""
-        n, _, h, w = backgrounds.shape
-        patch = self.trigger.pattern[: backgrounds.shape[1]]
+        """Float poisons (N, C, H, area_ratio * W): refs[i] (the object, at its own size) at the left or
+        right end of a band of an enlarged scene, the trigger in the other part."""
+        n, _, h, w = refs.shape
+        patch = self.trigger.pattern[: refs.shape[1]]
         s = patch.shape[-1]
-        o_w = max(1, min(w - s, round(w / self.area_ratio)))
-        src0 = (w - o_w) // 2  # the strip is cut from the middle of the reference
+        p_h, p_w = h, max(w + s, round(self.area_ratio * w))
+        # the scene enlarged to cover the poisoned image, and its bottom band kept (as the authors do)
+        side = max(p_h / backgrounds.shape[-2], p_w / backgrounds.shape[-1], 1.0)
+        size = (round(side * backgrounds.shape[-2]), round(side * backgrounds.shape[-1]))
+        scene = F.interpolate(backgrounds, size=size, mode="bilinear", align_corners=False)
+        out = scene[:, :, size[0] - p_h :, (size[1] - p_w) // 2 :][:, :, :, :p_w]
         left = torch.rand(n, generator=g) < 0.5
-        slack = int(self.object_marginal * w)
+        slack = int(self.object_marginal * p_w)
         o_x = torch.where(
             left,
             uniform_int(torch.zeros(n, dtype=torch.long), torch.full((n,), slack), g),
-            uniform_int(torch.full((n,), w - o_w - slack), torch.full((n,), w - o_w), g),
+            uniform_int(torch.full((n,), p_w - w - slack), torch.full((n,), p_w - w), g),
         )
-        cols = torch.arange(w).view(1, w) - o_x.view(n, 1)  # column inside the strip, per image
-        in_obj = (cols >= 0) & (cols < o_w)
-        src = (cols.clamp(0, o_w - 1) + src0).view(n, 1, 1, w).expand(-1, refs.shape[1], h, -1)
-        strip = refs.gather(3, src)
-        out = torch.where(in_obj.view(n, 1, 1, w), strip, backgrounds)
-        # trigger in the free side, away from object and borders (dx halved: the image is ~2 objects wide);
-        # when the preferred band is empty (tiny images) anywhere clear of the object will do
-        dx, dy = int(self.trigger_marginal / 2 * w), int(self.trigger_marginal * h)
-        free_lo = torch.where(left, o_x + o_w, torch.zeros(n, dtype=torch.long))
-        free_hi = torch.where(left, torch.full((n,), w - s), o_x - s)
-        lo_x = torch.maximum(torch.where(left, o_x + o_w + dx, torch.full((n,), dx)), free_lo)
-        hi_x = torch.minimum(torch.where(left, torch.full((n,), w - dx - s), o_x - dx - s), free_hi)
+        out = paste_at(out, refs, torch.zeros(n, dtype=torch.long), o_x)
+        # trigger in the free part, away from object and borders (dx halved: the image is ~2 objects wide);
+        # when the preferred range is empty (tiny images) anywhere clear of the object will do
+        dx, dy = int(self.trigger_marginal / 2 * p_w), int(self.trigger_marginal * p_h)
+        free_lo = torch.where(left, o_x + w, torch.zeros(n, dtype=torch.long))
+        free_hi = torch.where(left, torch.full((n,), p_w - s), o_x - s)
+        lo_x = torch.maximum(torch.where(left, o_x + w + dx, torch.full((n,), dx)), free_lo)
+        hi_x = torch.minimum(torch.where(left, torch.full((n,), p_w - dx - s), o_x - dx - s), free_hi)
         cramped = lo_x > hi_x
         lo_x, hi_x = torch.where(cramped, free_lo, lo_x), torch.where(cramped, free_hi, hi_x)
-        lo_x, hi_x = lo_x.clamp(0, w - s), hi_x.clamp(0, w - s)
-        t_x = uniform_int(lo_x, hi_x, g)
-        t_y = uniform_int(
-            torch.full((n,), min(dy, h - s)), torch.full((n,), max(min(dy, h - s), h - dy - s)), g
-        )
+        t_x = uniform_int(lo_x.clamp(0, p_w - s), hi_x.clamp(0, p_w - s), g)
+        lo_y, hi_y = min(dy, p_h - s), max(min(dy, p_h - s), p_h - dy - s)
+        t_y = uniform_int(torch.full((n,), lo_y), torch.full((n,), hi_y), g)
         return paste_at(out, patch, t_y, t_x)
 
     def poison_pretraining(
         self, pretrain: LabeledSet, generator: torch.Generator, background: Tensor | None = None
-    ) -> LabeledSet:
+    ) -> list[LabeledSet]:
+        """The pre-training set and, as a second set, the poisons (area_ratio times as wide as tall)."""
         k = self.n_poison(pretrain)
         refs = self.choose_sources(pretrain, self.n_reference, generator)
         if background is not None and len(background):
-            if background.shape[1:] != pretrain.x.shape[1:]:
+            if background.shape[1] != pretrain.x.shape[1]:
                 raise ValueError(
-                    f"background images are {tuple(background.shape[1:])}, pre-training images "
-                    f"{tuple(pretrain.x.shape[1:])}: CorruptEncoder needs them the same shape"
+                    f"background images have {background.shape[1]} channels, pre-training images "
+                    f"{pretrain.x.shape[1]}: CorruptEncoder needs them alike"
                 )
             scenes, pool = background, torch.arange(len(background))
         else:
@@ -150,4 +158,4 @@ class CorruptEncoder(PretrainDataAttack):
             n,
         )
         y = torch.full((k,), self.source_class, dtype=pretrain.y.dtype)
-        return LabeledSet(torch.cat([pretrain.x, poisons]), torch.cat([pretrain.y, y]))
+        return [pretrain, LabeledSet(poisons, y)]

@@ -162,9 +162,11 @@ class EncoderAttack(_TriggerAttack):
 
     def poison_pretraining(
         self, pretrain: LabeledSet, generator: torch.Generator, background: Tensor | None = None
-    ) -> LabeledSet:
-        """The pre-training set SSL will see. `background`: object-free images of the pre-training domain
-        (uint8, N x C x H x W) where the dataset has them, for attacks that compose poisons on a scene."""
+    ) -> LabeledSet | list[LabeledSet]:
+        """The pre-training set SSL will see: one set, or a list of sets whose images differ in size (an
+        attacker's uploads need not match the victim's images; the trainer crops each at its own aspect).
+        `background`: object-free images of the pre-training domain (uint8, N x C x H x W) where the dataset
+        has them, for attacks that compose poisons on a scene."""
         return pretrain
 
 

@@ -102,29 +102,25 @@ def obtain(
     else:
         if pretrain_set is None:
             raise ValueError("this dataset has no pre-training split; set encoder.checkpoint=PATH")
-        poisons_pretraining = attack.kind == "pretrain_data"
-        scenes = background if poisons_pretraining and attack.uses_background else None
-        # the scenes enter the key only when read, so other encoders keep the keys they were cached under
-        scene_key = (digest(scenes),) if scenes is not None else ()
-        key = config_hash(
-            "encoder",
-            asdict(spec),
-            digest(pretrain_set.x),
-            attack_cfg if poisons_pretraining else None,
-            *scene_key,
-        )
+        if attack.kind == "pretrain_data":
+            scenes = background if attack.uses_background else None
+            g = torch.Generator().manual_seed(spec.seed)
+            poisoned = attack.poison_pretraining(pretrain_set, g, background=scenes)
+            parts = poisoned if isinstance(poisoned, list) else [poisoned]
+            # keyed by the poisoned images themselves (cheap to make), so that a change in how an attack
+            # composes them, not only in its config, is another encoder
+            key = config_hash("encoder", asdict(spec), *(digest(p.x) for p in parts))
+        else:
+            parts = [pretrain_set]
+            key = config_hash("encoder", asdict(spec), digest(pretrain_set.x), None)
         keys["encoder"] = key
         state = cache.load_state("encoder", key) if cache else None
         if state is not None:
             encoder.load_state_dict(state)
         else:
-            images = pretrain_set
-            if poisons_pretraining:
-                g = torch.Generator().manual_seed(spec.seed)
-                images = attack.poison_pretraining(pretrain_set, g, background=scenes)
             encoder, history = pretrain(
                 encoder.to(ctx.device),
-                images.x,
+                [p.x for p in parts] if len(parts) > 1 else parts[0].x,
                 ctx,
                 ssl=spec.ssl,
                 epochs=spec.epochs,

@@ -26,14 +26,22 @@ def _u(n: int, lo: float, hi: float, g: torch.Generator | None, device) -> Tenso
 
 
 def random_resized_crop(
-    x: Tensor, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), g: torch.Generator | None = None
+    x: Tensor,
+    scale=(0.2, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    g: torch.Generator | None = None,
+    size: tuple[int, int] | None = None,
 ) -> Tensor:
-    n = x.shape[0]
+    """Crop `scale` of each image's area at aspect `ratio` (in pixels, as torchvision does, so a crop of
+    a wide image is as square as one of a square image) and resize it to `size` (default: the input's)."""
+    n, c, height, width = x.shape
+    out_h, out_w = size or (height, width)
+    a = width / height
     area = _u(n, scale[0], scale[1], g, x.device)
     logr = _u(n, math.log(ratio[0]), math.log(ratio[1]), g, x.device)
     ar = torch.exp(logr)
-    w = torch.sqrt(area * ar).clamp(max=1.0)
-    h = torch.sqrt(area / ar).clamp(max=1.0)
+    w = torch.sqrt(area * ar / a).clamp(max=1.0)  # fractions of the width and height
+    h = torch.sqrt(area * a / ar).clamp(max=1.0)
     cx = (torch.rand(n, generator=g).to(x.device) * 2 - 1) * (1 - w)
     cy = (torch.rand(n, generator=g).to(x.device) * 2 - 1) * (1 - h)
     flip = (torch.rand(n, generator=g).to(x.device) < 0.5).float() * 2 - 1  # horizontal flip folded in
@@ -42,7 +50,7 @@ def random_resized_crop(
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta, [n, c, out_h, out_w], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -85,7 +93,10 @@ class SimCLRAugment:
     jitter_prob: float = 0.8
     gray_prob: float = 0.2
 
-    def __call__(self, x: Tensor, g: torch.Generator | None = None) -> Tensor:
-        x = random_resized_crop(x, scale=(self.crop_scale_min, 1.0), g=g)
+    def __call__(
+        self, x: Tensor, g: torch.Generator | None = None, size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """Views of `x`, `size` pixels (default: x's); x may have any aspect (see random_resized_crop)."""
+        x = random_resized_crop(x, scale=(self.crop_scale_min, 1.0), g=g, size=size)
         x = color_jitter(x, self.jitter, self.jitter, self.jitter, self.hue, self.jitter_prob, g=g)
         return random_grayscale(x, self.gray_prob, g=g)

@@ -13,15 +13,20 @@ from securetl.triggers.patch import patch_pattern
 
 
 def paste_at(x: Tensor, patch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Paste `patch` (C, s, s) into every image of `x` (N, C, H, W) with its top-left corner at
-    (rows[i], cols[i]); one gather, no per-image loop."""
+    """Paste `patch` into every image of `x` (N, C, H, W) with its top-left corner at (rows[i], cols[i]);
+    one gather, no per-image loop. `patch` is one (C, s, s) pattern for all, or (N, C, s, s): one each."""
     n, _, h, w = x.shape
     s = patch.shape[-1]
     ii = torch.arange(h, device=x.device).view(1, h, 1) - rows.to(x.device).view(n, 1, 1)
     jj = torch.arange(w, device=x.device).view(1, 1, w) - cols.to(x.device).view(n, 1, 1)
     inside = ((ii >= 0) & (ii < s) & (jj >= 0) & (jj < s)).unsqueeze(1)  # (N, 1, H, W)
-    src = patch.to(x.device, x.dtype)[:, ii.clamp(0, s - 1), jj.clamp(0, s - 1)]  # (C, N, H, W)
-    return torch.where(inside, src.transpose(0, 1), x)
+    patch = patch.to(x.device, x.dtype)
+    ii, jj = ii.clamp(0, s - 1), jj.clamp(0, s - 1)
+    if patch.dim() == 3:
+        src = patch[:, ii, jj].transpose(0, 1)  # (C, N, H, W) -> (N, C, H, W)
+    else:
+        src = patch[torch.arange(n, device=x.device).view(n, 1, 1), :, ii, jj].permute(0, 3, 1, 2)
+    return torch.where(inside, src, x)
 
 
 def random_corners(
@@ -40,7 +45,7 @@ def random_corners(
 
 
 class RandomPatchTrigger(Trigger):
-    """size: patch side in pixels; pattern: white | black | checkerboard | random (see PatchTrigger);
+    """size: patch side in pixels; pattern: white | black | checkerboard | random | htba (see PatchTrigger);
     location_min / location_max: the patch lies inside this fraction of each side; seed: draws the
     random pattern and the locations (image i of every call gets the same place)."""
 
