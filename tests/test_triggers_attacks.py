@@ -16,7 +16,7 @@ def data():
     return build_synthetic(n_train=200, n_test=50, n_pretrain=20, n_reference=20)
 
 
-@pytest.mark.parametrize("pattern", ["checkerboard", "white", "black", "random"])
+@pytest.mark.parametrize("pattern", ["checkerboard", "white", "black", "random", "htba"])
 def test_patch_trigger_changes_image_keeps_shape_and_range(data, pattern):
     x = data.train.floats(slice(0, 16))
     t = PatchTrigger(size=3, pattern=pattern)
@@ -27,6 +27,21 @@ def test_patch_trigger_changes_image_keeps_shape_and_range(data, pattern):
     changed = (x != y).any(dim=1)  # (N, H, W)
     assert changed[:, :-3, :].sum() == 0 and changed[:, :, :-3].sum() == 0  # only the bottom-right 3x3
     assert torch.equal(t.apply(x), y)  # deterministic
+
+
+def test_htba_pattern_is_colour_blobs_not_pixel_noise():
+    """HTBA's triggers: a random 4 x 4 colour matrix resized bilinearly, so neighbouring pixels are close
+    (unlike `random`, one colour per pixel), the colours still span the range, and a seed fixes them."""
+    from securetl.triggers.patch import patch_pattern
+
+    def roughness(p):
+        return (p[:, :, 1:] - p[:, :, :-1]).abs().mean()
+
+    htba, noise = patch_pattern("htba", 16, seed=3), patch_pattern("random", 16, seed=3)
+    assert htba.shape == (3, 16, 16) and 0.0 <= float(htba.min()) and float(htba.max()) <= 1.0
+    assert roughness(htba) < roughness(noise) / 3 and float(htba.max() - htba.min()) > 0.3
+    assert torch.equal(htba, patch_pattern("htba", 16, seed=3))
+    assert not torch.equal(htba, patch_pattern("htba", 16, seed=4))
 
 
 def test_trigger_rejects_bad_settings():

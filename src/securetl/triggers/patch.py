@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from securetl.interfaces import Trigger
@@ -23,13 +24,19 @@ def patch_pattern(pattern: str, size: int, channels: int = 3, seed: int = 0) -> 
         return board.expand(channels, size, size).clone()
     if pattern == "random":
         return torch.rand(channels, size, size, generator=torch.Generator().manual_seed(seed))
-    raise ValueError(f"unknown patch pattern {pattern!r}; choose white, black, checkerboard or random")
+    if pattern == "htba":
+        # a random 4 x 4 colour matrix resized bilinearly: colour blobs like the HTBA trigger images
+        # (Saha et al., AAAI 2020) that SSL-Backdoor pastes, not pixel noise
+        cells = torch.rand(1, channels, 4, 4, generator=torch.Generator().manual_seed(seed))
+        return F.interpolate(cells, size=(size, size), mode="bilinear", align_corners=False)[0]
+    raise ValueError(f"unknown patch pattern {pattern!r}; choose white, black, checkerboard, random or htba")
 
 
 class PatchTrigger(Trigger):
     """Paste a `size`x`size` `pattern` at `location`, `margin` pixels from the border.
 
-    size: side in pixels; pattern: white | black | checkerboard | random (seeded by `seed`).
+    size: side in pixels; pattern: white | black | checkerboard | random | htba (the last two seeded by
+    `seed`).
     """
 
     def __init__(
