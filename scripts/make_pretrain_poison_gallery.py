@@ -21,6 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+# the trigger gallery's panel and save helpers (this folder is on sys.path when a script here runs)
+from make_trigger_gallery import save, show  # noqa: E402
+
 from securetl.build import build  # noqa: E402
 from securetl.data.synthetic import build_synthetic  # noqa: E402
 from securetl.interfaces import to_float  # noqa: E402
@@ -29,14 +32,6 @@ from securetl.ssl.augment import random_resized_crop  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ATTACKS = [("CTRL", "ctrl"), ("SSL-Backdoor", "sslbackdoor"), ("CorruptEncoder", "corruptencoder")]
 N_VIEWS = 4
-
-
-def show(ax, img: torch.Tensor, title: str = "") -> None:
-    ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=8)
 
 
 def main() -> None:
@@ -63,10 +58,10 @@ def main() -> None:
         n_clean = len(parts[0]) if len(parts) > 1 else 0
         idx = attack.poison_idx[:2] - n_clean
         poisons = to_float(parts[-1].x[idx])
-        show(axes[row, 0], attack.apply_test(test)[0], "test + trigger" if row == 0 else "")
+        show(axes[row, 0], attack.apply_test(test)[0], title="test + trigger" if row == 0 else "")
         axes[row, 0].set_ylabel(title, fontsize=9)
         for j in range(2):
-            show(axes[row, 1 + j], poisons[j], f"poison {j + 1}" if row == 0 else "")
+            show(axes[row, 1 + j], poisons[j], title=f"poison {j + 1}" if row == 0 else "")
         views = random_resized_crop(
             poisons[:1].expand(N_VIEWS, -1, -1, -1),
             scale=(crop_min, 1.0),
@@ -74,11 +69,8 @@ def main() -> None:
             size=tuple(splits.test.x.shape[-2:]),
         )
         for k in range(N_VIEWS):
-            show(axes[row, 3 + k], views[k], f"view {k + 1} of poison 1" if row == 0 else "")
-    fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=150)
-    print(f"wrote {args.out}")
+            show(axes[row, 3 + k], views[k], title=f"view {k + 1} of poison 1" if row == 0 else "")
+    save(fig, args.out)
 
 
 if __name__ == "__main__":

@@ -48,12 +48,21 @@ def training_poison(attack, image: torch.Tensor, num_classes: int) -> torch.Tens
     return out.train.x[out.poison_idx[0]] if len(out.poison_idx) else None
 
 
-def show(ax, img: torch.Tensor, caption: str = "") -> None:
+def show(ax, img: torch.Tensor, caption: str = "", title: str = "") -> None:
     ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     if caption:
         ax.set_xlabel(caption, fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def save(fig, out: Path) -> None:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    print(f"wrote {out}")
 
 
 def diff_panel(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -101,10 +110,7 @@ def main() -> None:
         show(axes[2, col], poisoned)
         show(axes[3, col], *diff_panel(poisoned, clean))
 
-    fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=150)
-    print(f"wrote {args.out}")
+    save(fig, args.out)
 
 
 if __name__ == "__main__":
