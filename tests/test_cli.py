@@ -147,3 +147,36 @@ def test_a_table_groups_by_a_swept_config_value():
     assert long[("asr", "mean")].round(3).tolist() == [0.6, 0.9]
     assert long.index.get_level_values(1).tolist() == ["0.003", "0.03"]
     assert missing == ["data_attack=tact, data_attack.poison_rate=0.03, seed=1"]
+
+
+def test_a_table_sweeping_a_group_override_renders_its_rows(tmp_path):
+    """`trigger@eval.reference_trigger` in a preset's sweep is a group override, not a config path: it must
+    not be read from the rows' configs (it is in none, so every row used to drop out)."""
+    import json
+    import re
+
+    from securetl.tables import render
+
+    (tmp_path / "conf" / "table").mkdir(parents=True)
+    (tmp_path / "conf" / "table" / "floor.yaml").write_text(
+        "hydra:\n  sweeper:\n    params:\n      trigger@eval.reference_trigger: htba_random\n"
+        "      eval.reference_trigger.size: 6,7\n      seed: 0\n"
+        "report:\n  rows: [eval.reference_trigger.size]\n  metrics: [asr]\n"
+    )
+    raw = tmp_path / "results" / "raw"
+    raw.mkdir(parents=True)
+    for size, asr in ((6, 0.03), (7, 0.04)):
+        row = {
+            "choices": {"dataset": "synthetic"},
+            "seed": 0,
+            "metrics": {"asr": asr},
+            "config": {"eval": {"reference_trigger": {"size": size}}},
+            "overrides": [
+                "trigger@eval.reference_trigger=htba_random",
+                f"eval.reference_trigger.size={size}",
+            ],
+        }
+        (raw / f"r{size}.json").write_text(json.dumps(row))
+    md = render("floor", tmp_path / "results", conf_dir=tmp_path / "conf")
+    assert re.search(r"\|\s*6\s*\|\s*3\s*\|", md) and re.search(r"\|\s*7\s*\|\s*4\s*\|", md)
+    assert "Missing" not in md
