@@ -15,7 +15,7 @@ does. The shape is the mechanism: a near-square crop of half a 2:1 image holds t
 trigger alone. Squeezed into the victim's 32 x 32 frame (this module's first version) it does not: under
 the synthetic encoder's crops (area 0.3-1, aspect 3/4-4/3) a pair of views is (whole trigger without
 object, half the object without trigger) in 0.006 % of pairs, against 2 % for the authors' 2:1 poisons
-(Monte Carlo, 400k crops each).
+under their crops (area 0.2-1; Monte Carlo, 400k crops each).
 
 The object is a whole reference image of the target class (the authors cut the object by its
 segmentation mask; the synthetic objects are centred in their images). The background is one of the
