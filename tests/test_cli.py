@@ -114,18 +114,17 @@ def test_a_table_prefers_its_own_rows_to_rows_run_with_settings_it_does_not_desc
 
     def row(acc, seed, extra=()):
         ch = {"dataset": "synthetic", "encoder_attack": "none", "probe": "linear"}
-        r = {"choices": ch, "seed": seed, "metrics": {"acc": acc}, "overrides": [*plain, *extra]}
-        r["_extra"] = ";".join(extra_overrides(r, keys))
-        return r
+        return {"choices": ch, "seed": seed, "metrics": {"acc": acc}, "overrides": [*plain, *extra]}
 
     report = {"rows": ["encoder_attack"], "cols": [], "metrics": ["acc"]}
     sweep = {"encoder_attack": ["none"], "seed": ["0", "1"]}
     mixed = [row(0.8, 0), row(0.6, 0, ["encoder.seed=1"]), row(0.7, 1, ["encoder.seed=1"])]
-    _, missing, long = build_table(flatten(mixed), report, sweep)
+    _, missing, long = build_table(flatten(mixed, described=keys), report, sweep)
     # seed 0: the plain row alone; seed 1 has only the other setting, and the table says so
     assert long[("acc", "mean")].round(3).tolist() == [0.75] and missing == []
     assert long.attrs["extra"] == ["encoder.seed=1"]
-    _, _, only_plain = build_table(flatten(mixed[:1]), report, {"encoder_attack": ["none"], "seed": ["0"]})
+    only = {"encoder_attack": ["none"], "seed": ["0"]}
+    _, _, only_plain = build_table(flatten(mixed[:1], described=keys), report, only)
     assert only_plain.attrs["extra"] == []
 
 

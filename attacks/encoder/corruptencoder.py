@@ -48,7 +48,6 @@ def uniform_int(lo: Tensor, hi: Tensor, g: torch.Generator) -> Tensor:
 
 class CorruptEncoder(PretrainDataAttack):
     name = "corruptencoder"
-    uses_background = True
 
     def __init__(
         self,

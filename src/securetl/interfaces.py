@@ -157,9 +157,6 @@ class EncoderAttack(_TriggerAttack):
         """Fine-tune `encoder` with the attacker's shadow (pre-training) data and target-class references."""
         return encoder
 
-    # whether poison_pretraining reads `background` (the cache key of its encoder then includes them)
-    uses_background = False
-
     def poison_pretraining(
         self, pretrain: LabeledSet, generator: torch.Generator, background: Tensor | None = None
     ) -> LabeledSet | list[LabeledSet]:

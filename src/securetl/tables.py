@@ -55,16 +55,34 @@ def config_value(config: dict, dotted: str) -> Any:
     return node
 
 
-def flatten(rows: list[dict], config_keys: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+# overrides that do not change what a run computes (where it writes, whether it shows progress, ...)
+NEUTRAL_OVERRIDES = {"table", "progress", "resume", "cache", "logger", "device", "paths"}
+
+
+def extra_overrides(row: dict, keys: set[str]) -> list[str]:
+    """The overrides a row was run with that the table neither sweeps, fixes nor groups by and that change
+    what a run computes (another encoder, a changed trigger, another encoder seed, ...)."""
+    out = []
+    for override in row.get("overrides") or []:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key not in keys and key not in NEUTRAL_OVERRIDES and not key.startswith(("hydra.", "paths.")):
+            out.append(override)
+    return sorted(out)
+
+
+def flatten(
+    rows: list[dict], config_keys: list[str] | tuple[str, ...] = (), described: set[str] | None = None
+) -> pd.DataFrame:
     """One record per row: its choices, seed, metrics, diagnostics and timings, plus the resolved config
     values `config_keys` names (dotted paths such as `data_attack.poison_rate`, so that a table can group
-    by a swept hyperparameter, not only by a config group)."""
+    by a swept hyperparameter, not only by a config group). With `described` (the keys a table sweeps,
+    fixes or groups by), each record also lists the row's other overrides (`_extra`, see extra_overrides)."""
     recs = []
     for r in rows:
         rec = dict(r["choices"])
         rec["seed"] = r["seed"]
-        if "_extra" in r:
-            rec["_extra"] = r["_extra"]
+        if described is not None:
+            rec["_extra"] = tuple(extra_overrides(r, described))
         for k in config_keys:
             v = config_value(r.get("config") or {}, k)
             rec[k] = "None" if v is None else str(v)
@@ -134,7 +152,7 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
     agg = df.groupby(keys, dropna=False)[present].agg(["mean", "std", "count"])
     long = agg.copy()
     # settings the preset does not set, under which some of the kept rows ran (said under the table)
-    long.attrs["extra"] = sorted({e for x in df.get("_extra", []) for e in x.split(";") if e})
+    long.attrs["extra"] = sorted({e for extra in df.get("_extra", []) for e in extra})
     disp = pd.DataFrame(index=agg.index)
     for m in present:
         pct = not m.startswith("time:") and not m.startswith("diag:") or m.endswith("purity")
@@ -163,28 +181,13 @@ def _col_order(col: str, cols: list[str], sweep: dict, metrics: list[str]) -> tu
     return tuple(order)
 
 
-# overrides that do not change what a run computes (where it writes, whether it shows progress, ...)
-NEUTRAL_OVERRIDES = {"table", "progress", "resume", "cache", "logger", "device", "paths"}
-
-
-def extra_overrides(row: dict, keys: set[str]) -> list[str]:
-    """The overrides a row was run with that the table neither sweeps, fixes nor groups by and that change
-    what a run computes (another encoder, a changed trigger, another encoder seed, ...)."""
-    out = []
-    for override in row.get("overrides") or []:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key not in keys and key not in NEUTRAL_OVERRIDES and not key.startswith(("hydra.", "paths.")):
-            out.append(override)
-    return sorted(out)
-
-
 def prefer_plain_rows(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Per cell and seed, keep the rows run with the fewest extra overrides: a table's own sweep wins over
     another table's rows that share its choices (`encoder.seed=1` rows beside Threat-1's clean encoder),
     while a sweep run only with extra settings (a smaller dataset, say) still fills the table."""
     if "_extra" not in df or df.empty:
         return df
-    n = df["_extra"].map(lambda e: len(e.split(";")) if e else 0)
+    n = df["_extra"].map(len)
     fewest = n.groupby([df[k].astype(str) for k in by], dropna=False).transform("min")
     return df[n == fewest]
 
@@ -198,11 +201,9 @@ def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Pat
             f"securetl-table: no rows under {Path(results_dir) / 'raw'}; run `securetl table={name}` first"
         )
     keys = [*report.get("rows", []), *report.get("cols", []), *report.get("where", {}), *sweep]
-    for r in rows:
-        r["_extra"] = ";".join(extra_overrides(r, set(keys)))
     # dotted config keys, not group overrides such as `trigger@eval.reference_trigger`
     config_keys = [k for k in keys if "." in k and "@" not in k]
-    disp, missing, long = build_table(flatten(rows, config_keys), report, sweep)
+    disp, missing, long = build_table(flatten(rows, config_keys, described=set(keys)), report, sweep)
     out_dir = Path(out_dir or Path(results_dir) / "tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     title = report.get("title", name)

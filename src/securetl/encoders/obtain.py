@@ -103,9 +103,8 @@ def obtain(
         if pretrain_set is None:
             raise ValueError("this dataset has no pre-training split; set encoder.checkpoint=PATH")
         if attack.kind == "pretrain_data":
-            scenes = background if attack.uses_background else None
             g = torch.Generator().manual_seed(spec.seed)
-            poisoned = attack.poison_pretraining(pretrain_set, g, background=scenes)
+            poisoned = attack.poison_pretraining(pretrain_set, g, background=background)
             parts = poisoned if isinstance(poisoned, list) else [poisoned]
             # keyed by the poisoned images themselves (cheap to make), so that a change in how an attack
             # composes them, not only in its config, is another encoder
