@@ -32,11 +32,19 @@ def test_row_records_what_a_reader_needs(compose_cfg):
     assert row["choices"]["data_attack"] == "badnets"
     assert 0.0 <= row["metrics"]["acc"] <= 1.0 and 0.0 <= row["metrics"]["asr"] <= 1.0
     assert row["diagnostics"]["n_poison"] == round(0.1 * 300)
+    assert "knn_asr" not in row["metrics"]  # a clean encoder's kNN says nothing about a data attack
+
+
+def test_threat1_run_scores_the_received_encoder_by_knn_too(compose_cfg):
+    row = run(compose_cfg(["encoder_attack=badencoder", "encoder_attack.epochs=1"]))
+    m = row["metrics"]
+    assert 0.0 <= m["knn_acc"] <= 1.0 and m["knn_asr"] == m["knn_asr/encoder"]
 
 
 def test_clean_run_reports_reference_asr(compose_cfg):
     row = run(compose_cfg([]))
     assert row["metrics"]["asr_source"] == "reference"
+    assert "knn_asr/reference" in row["metrics"]  # the kNN floor of a clean encoder, too
 
 
 def test_threat3_shared_trigger_reports_one_asr(compose_cfg):

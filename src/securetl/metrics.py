@@ -1,4 +1,5 @@
-"""ACC on the clean test set, and ASR for every distinct trigger that is in play."""
+"""ACC on the clean test set, and ASR for every distinct trigger that is in play; the same two for the
+received encoder alone through a weighted kNN, as the encoder-attack papers measure an encoder."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from securetl.interfaces import LabeledSet, RunContext
-from securetl.probe import predict
+from securetl.probe import batched_forward, memo_forward, predict
+
+# the kNN monitor of the SSL codes the attacks ship with (CTRL's utils/knn.py, after Wu et al. 2018)
+KNN_K, KNN_T = 200, 0.1
 
 
 @dataclass
@@ -27,11 +32,16 @@ def accuracy(pred: Tensor, y: Tensor) -> float:
     return float((pred == y).float().mean()) if len(y) else float("nan")
 
 
-def attack_success_rate(model: nn.Module, test: LabeledSet, t: TriggerEval, ctx: RunContext) -> float:
+def counted(test: LabeledSet, t: TriggerEval) -> Tensor:
+    """The test images that count for `t`'s ASR."""
     keep = t.mask(test.y)
     if not keep.any():
         raise ValueError(f"no test sample counts for the {t.source} ASR ({t.definition})")
-    pred = predict(model, test.x[keep], ctx, transform=t.apply)
+    return test.x[keep]
+
+
+def attack_success_rate(model: nn.Module, test: LabeledSet, t: TriggerEval, ctx: RunContext) -> float:
+    pred = predict(model, counted(test, t), ctx, transform=t.apply)
     return float((pred == t.target).float().mean())
 
 
@@ -47,6 +57,40 @@ def evaluate(
             out["asr"] = asr
             out["asr_definition"] = t.definition
             out["asr_source"] = t.source
+    return out
+
+
+def knn_predict(
+    query: Tensor, bank: Tensor, bank_y: Tensor, num_classes: int, k: int = KNN_K, t: float = KNN_T
+) -> Tensor:
+    """Weighted kNN on cosine similarity: each of the k bank samples most similar to a query votes for its
+    label with weight exp(similarity / t)."""
+    q, b = F.normalize(query, dim=1), F.normalize(bank, dim=1)
+    out = []
+    for i in range(0, len(q), 1024):
+        sim, idx = (q[i : i + 1024] @ b.T).topk(min(k, len(b)), dim=1)
+        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, bank_y[idx], (sim / t).exp())
+        out.append(votes.argmax(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def knn_evaluate(
+    encoder: nn.Module, bank: LabeledSet, test: LabeledSet, triggers: list[TriggerEval], ctx: RunContext
+) -> dict[str, float]:
+    """`knn_acc` and `knn_asr` (+ `knn_asr/<source>`) of an encoder with no probe: test embeddings are
+    labelled by their neighbours among the clean downstream training set's. This is how CTRL and
+    SSL-Backdoor score an encoder, and it tells whether a trigger moved embeddings to the target at all,
+    whatever a probe makes of them."""
+    encoder.eval().to(ctx.device)
+    bank_f = memo_forward(encoder, bank.x, ctx)
+    test_f = memo_forward(encoder, test.x, ctx)
+    out = {"knn_acc": accuracy(knn_predict(test_f, bank_f, bank.y, ctx.num_classes), test.y)}
+    for i, t in enumerate(triggers):
+        f = batched_forward(lambda x, t=t: encoder(t.apply(x)), counted(test, t), ctx.device)
+        asr = float((knn_predict(f, bank_f, bank.y, ctx.num_classes) == t.target).float().mean())
+        out[f"knn_asr/{t.source}"] = asr
+        if i == 0:
+            out["knn_asr"] = asr
     return out
 
 

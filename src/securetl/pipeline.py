@@ -25,7 +25,7 @@ from securetl.cache import Cache, plain
 from securetl.deltas import apply_deltas
 from securetl.encoders.obtain import obtain
 from securetl.interfaces import DataAttack, Defense, EncoderAttack, RunContext, Splits
-from securetl.metrics import TriggerEval, evaluate
+from securetl.metrics import TriggerEval, evaluate, knn_evaluate
 from securetl.validate import ConfigError, resolve_device, validate_targets
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,13 @@ def run(
             reference=splits.reference,
             background=splits.background,
         )
+    triggers = triggers_in_play(data_attack, encoder_attack, cfg)
+    knn: dict[str, float] = {}
+    if encoder_attack.kind != "none" or data_attack.trigger is None:
+        # the received encoder by itself, before any defense touches it (a clean encoder has nothing to
+        # say about a data attack)
+        with timed(timings, "knn"):
+            knn = knn_evaluate(encoder, splits.train, splits.test, triggers, ctx)
     with timed(timings, "poison"):
         poisoned = data_attack.poison(splits.train, ctx.generator(salt=1))
     set_seed(int(cfg.seed))
@@ -142,7 +149,7 @@ def run(
         # the defense gets the LabeledSet only: poison_idx never reaches it
         model = defense.train(encoder, poisoned.train, probe, ctx)
     with timed(timings, "evaluate"):
-        metrics = evaluate(model, splits.test, triggers_in_play(data_attack, encoder_attack, cfg), ctx)
+        metrics = evaluate(model, splits.test, triggers, ctx) | knn
 
     diagnostics = dict(ctx.diagnostics)
     diagnostics.update(defense.diagnostics)

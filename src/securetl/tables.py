@@ -28,6 +28,8 @@ METRIC_NAMES = {
     "asr/encoder": "ASR enc-trigger",
     "asr/shared": "ASR shared-trigger",
     "asr/reference": "ASR ref-trigger",
+    "knn_acc": "kNN ACC",
+    "knn_asr": "kNN ASR",
 }
 
 
