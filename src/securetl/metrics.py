@@ -1,5 +1,5 @@
 """ACC on the clean test set, and ASR for every distinct trigger that is in play; the same two for the
-received encoder alone through a weighted kNN, as the encoder-attack papers measure an encoder."""
+received encoder alone through a weighted kNN, as CTRL measures an encoder."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from securetl.interfaces import LabeledSet, RunContext
 from securetl.probe import batched_forward, memo_forward, predict
 
-# the kNN monitor of the SSL codes the attacks ship with (CTRL's utils/knn.py, after Wu et al. 2018)
+# CTRL's kNN monitor (meet-cjli/CTRL utils/knn.py, after Wu et al. 2018)
 KNN_K, KNN_T = 200, 0.1
 
 
@@ -78,9 +78,9 @@ def knn_evaluate(
     encoder: nn.Module, bank: LabeledSet, test: LabeledSet, triggers: list[TriggerEval], ctx: RunContext
 ) -> dict[str, float]:
     """`knn_acc` and `knn_asr` (+ `knn_asr/<source>`) of an encoder with no probe: test embeddings are
-    labelled by their neighbours among the clean downstream training set's. This is how CTRL and
-    SSL-Backdoor score an encoder, and it tells whether a trigger moved embeddings to the target at all,
-    whatever a probe makes of them."""
+    labelled by their neighbours among the clean downstream training set's. This is how CTRL scores an
+    encoder (SSL-Backdoor's code has a plain-vote kNN too), and it tells whether a trigger moved embeddings
+    to the target at all, whatever a probe makes of them."""
     encoder.eval().to(ctx.device)
     bank_f = memo_forward(encoder, bank.x, ctx)
     test_f = memo_forward(encoder, test.x, ctx)
