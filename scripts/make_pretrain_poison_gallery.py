@@ -26,7 +26,7 @@ from make_trigger_gallery import save, show  # noqa: E402
 
 from securetl.build import build  # noqa: E402
 from securetl.data.synthetic import build_synthetic  # noqa: E402
-from securetl.interfaces import to_float  # noqa: E402
+from securetl.interfaces import pretraining_sets, to_float  # noqa: E402
 from securetl.ssl.augment import random_resized_crop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +51,11 @@ def main() -> None:
     fig, axes = plt.subplots(len(ATTACKS), cols, figsize=(1.5 * cols + 1.2, 1.7 * len(ATTACKS)))
     for row, (title, name) in enumerate(ATTACKS):
         attack = build(cfgs[name].encoder_attack)
-        out = attack.poison_pretraining(
-            splits.pretrain, torch.Generator().manual_seed(0), background=splits.background
+        parts = pretraining_sets(
+            attack.poison_pretraining(
+                splits.pretrain, torch.Generator().manual_seed(0), background=splits.background
+            )
         )
-        parts = out if isinstance(out, list) else [out]
         n_clean = len(parts[0]) if len(parts) > 1 else 0
         idx = attack.poison_idx[:2] - n_clean
         poisons = to_float(parts[-1].x[idx])

@@ -167,6 +167,11 @@ class EncoderAttack(_TriggerAttack):
         return pretrain
 
 
+def pretraining_sets(poisoned: LabeledSet | list[LabeledSet]) -> list[LabeledSet]:
+    """What `EncoderAttack.poison_pretraining` returned, as a list of sets."""
+    return poisoned if isinstance(poisoned, list) else [poisoned]
+
+
 class NoDataAttack(DataAttack):
     """Null object: the training set is returned untouched."""
 

@@ -20,7 +20,7 @@ import torch
 from securetl.cache import Cache, config_hash
 from securetl.encoders.checkpoint import file_digest, load_checkpoint
 from securetl.encoders.resnet import Encoder, build_encoder
-from securetl.interfaces import EncoderAttack, LabeledSet, RunContext
+from securetl.interfaces import EncoderAttack, LabeledSet, RunContext, pretraining_sets
 from securetl.ssl.trainer import pretrain
 
 log = logging.getLogger(__name__)
@@ -104,13 +104,13 @@ def obtain(
             raise ValueError("this dataset has no pre-training split; set encoder.checkpoint=PATH")
         if attack.kind == "pretrain_data":
             g = torch.Generator().manual_seed(spec.seed)
-            poisoned = attack.poison_pretraining(pretrain_set, g, background=background)
-            parts = poisoned if isinstance(poisoned, list) else [poisoned]
+            parts = pretraining_sets(attack.poison_pretraining(pretrain_set, g, background=background))
             # keyed by the poisoned images themselves (cheap to make), so that a change in how an attack
             # composes them, not only in its config, is another encoder
             key = config_hash("encoder", asdict(spec), *(digest(p.x) for p in parts))
         else:
             parts = [pretrain_set]
+            # the trailing None keeps the keys clean encoders were cached under before poisons were keyed
             key = config_hash("encoder", asdict(spec), digest(pretrain_set.x), None)
         keys["encoder"] = key
         state = cache.load_state("encoder", key) if cache else None
@@ -119,7 +119,7 @@ def obtain(
         else:
             encoder, history = pretrain(
                 encoder.to(ctx.device),
-                [p.x for p in parts] if len(parts) > 1 else parts[0].x,
+                [p.x for p in parts],
                 ctx,
                 ssl=spec.ssl,
                 epochs=spec.epochs,

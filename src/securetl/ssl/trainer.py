@@ -61,17 +61,13 @@ def pretrain(
         total = 0.0
         for s in range(steps):
             idx = perm[s * batch_size : (s + 1) * batch_size]
-            if len(groups) == 1:
-                x = to_float(groups[0][idx]).to(ctx.device)
-                v1, v2 = aug(x, g), aug(x, g)
-            else:
-                parts = [
-                    to_float(gr[idx[(idx >= lo) & (idx < hi)] - lo]).to(ctx.device)
-                    for gr, lo, hi in zip(groups, starts[:-1], starts[1:])
-                ]
-                parts = [p for p in parts if len(p)]
-                v1 = torch.cat([aug(p, g, size) for p in parts])
-                v2 = torch.cat([aug(p, g, size) for p in parts])
+            parts = [
+                to_float(gr[idx[(idx >= lo) & (idx < hi)] - lo]).to(ctx.device)
+                for gr, lo, hi in zip(groups, starts[:-1], starts[1:])
+            ]
+            parts = [p for p in parts if len(p)]
+            v1 = torch.cat([aug(p, g, size) for p in parts])
+            v2 = torch.cat([aug(p, g, size) for p in parts])
             loss = method.loss(v1, v2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
