@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -113,49 +114,54 @@ def obtain(
             # the trailing None keeps the keys clean encoders were cached under before poisons were keyed
             key = config_hash("encoder", asdict(spec), digest(pretrain_set.x), None)
         keys["encoder"] = key
-        state = cache.load_state("encoder", key) if cache else None
-        if state is not None:
-            encoder.load_state_dict(state)
-        else:
-            encoder, history = pretrain(
-                encoder.to(ctx.device),
-                [p.x for p in parts],
-                ctx,
-                ssl=spec.ssl,
-                epochs=spec.epochs,
-                batch_size=spec.batch_size,
-                lr=spec.lr,
-                weight_decay=spec.weight_decay,
-                seed=spec.seed,
-                augment=spec.augment,
-                method_kwargs=spec.method,
-            )
-            if cache:
-                cache.save_state(
-                    "encoder", key, encoder.state_dict(), {"spec": asdict(spec), "loss": history}
+        # one job builds it, concurrent jobs that need it too wait and load it
+        with cache.building("encoder", key) if cache else nullcontext():
+            state = cache.load_state("encoder", key) if cache else None
+            if state is not None:
+                encoder.load_state_dict(state)
+            else:
+                encoder, history = pretrain(
+                    encoder.to(ctx.device),
+                    [p.x for p in parts],
+                    ctx,
+                    ssl=spec.ssl,
+                    epochs=spec.epochs,
+                    batch_size=spec.batch_size,
+                    lr=spec.lr,
+                    weight_decay=spec.weight_decay,
+                    seed=spec.seed,
+                    augment=spec.augment,
+                    method_kwargs=spec.method,
                 )
-    encoder = encoder.eval().to(ctx.device)
+                if cache:
+                    cache.save_state(
+                        "encoder", key, encoder.state_dict(), {"spec": asdict(spec), "loss": history}
+                    )
+    encoder = ctx.num.module(encoder.eval())
     if attack.kind == "finetune":
         key = config_hash(
             "implanted", keys["encoder"], attack_cfg, digest(reference.x) if reference is not None else None
         )
         keys["implanted"] = key
-        state = cache.load_state("implanted", key) if cache else None
-        if state is not None:
-            encoder.load_state_dict(state)
-            # the attack's own diagnostics (e.g. embedding gaps) were measured when it was implanted
-            ctx.diagnostics.update(cache.load_meta("implanted", key).get("diagnostics", {}))
-        else:
-            before = set(ctx.diagnostics)
-            encoder = attack.implant(encoder, pretrain_set, ctx, reference=reference)
-            diag = {k: v for k, v in ctx.diagnostics.items() if k not in before}
-            if cache:
-                cache.save_state(
-                    "implanted",
-                    key,
-                    encoder.state_dict(),
-                    {"attack": attack_cfg and str(attack_cfg), "diagnostics": diag},
-                )
+        # one job builds it, concurrent jobs that need it too wait and load it
+        with cache.building("implanted", key) if cache else nullcontext():
+            state = cache.load_state("implanted", key) if cache else None
+            if state is not None:
+                encoder.load_state_dict(state)
+                # the attack's own diagnostics (e.g. embedding gaps) were measured when it was implanted
+                meta = cache.load_meta("implanted", key) or {}
+                ctx.diagnostics.update(meta.get("diagnostics", {}))
+            else:
+                before = set(ctx.diagnostics)
+                encoder = attack.implant(encoder, pretrain_set, ctx, reference=reference)
+                diag = {k: v for k, v in ctx.diagnostics.items() if k not in before}
+                if cache:
+                    cache.save_state(
+                        "implanted",
+                        key,
+                        encoder.state_dict(),
+                        {"attack": attack_cfg and str(attack_cfg), "diagnostics": diag},
+                    )
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder.eval(), keys

@@ -1,0 +1,176 @@
+"""Reliability (issue 16): bad rows, corrupted or half-written cache artifacts, concurrent builders, file
+modes, per-run peak memory, a failing cell inside a sweep, and bad input that must stop before any work."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from securetl import cache as cache_mod
+from securetl.cache import Cache, atomic_write_json
+
+
+# --------------------------------------------------------------------------- cache: corrupted artifacts
+def _artifact(tmp_path: Path) -> tuple[Cache, Path]:
+    c = Cache(tmp_path)
+    c.save_state("encoder", "k", {"w": torch.arange(8.0)}, {"loss": [1.0, 0.5]})
+    return c, c.path("encoder", "k")
+
+
+def test_a_truncated_artifact_is_named_moved_aside_and_reported_missing(tmp_path, caplog):
+    c, p = _artifact(tmp_path)
+    p.write_bytes(p.read_bytes()[:-7])
+    with caplog.at_level(logging.WARNING, logger="securetl.cache"):
+        assert c.load_state("encoder", "k") is None
+    assert str(p) in caplog.text
+    assert not p.exists() and p.with_name(p.name + ".corrupt").exists()
+    c.save_state("encoder", "k", {"w": torch.zeros(2)}, {})  # the caller rebuilds it
+    assert torch.equal(c.load_state("encoder", "k")["w"], torch.zeros(2))
+
+
+def test_an_artifact_with_unreadable_metadata_is_set_aside(tmp_path, caplog):
+    c = Cache(tmp_path)
+    p = c.path("encoder", "k")
+    p.parent.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, str(p), metadata={cache_mod.META_KEY: "{not json"})
+    with caplog.at_level(logging.WARNING, logger="securetl.cache"):
+        assert c.load_state("encoder", "k") is None
+    assert str(p) in caplog.text and p.with_name(p.name + ".corrupt").exists()
+    assert c.load_meta("encoder", "k") is None
+
+
+def test_old_style_sidecar_metadata_is_still_read_and_checked(tmp_path):
+    c = Cache(tmp_path)
+    p = c.path("encoder", "k")
+    p.parent.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, str(p))
+    p.with_suffix(".json").write_text(json.dumps({"diagnostics": {"gap": 0.3}}))
+    assert c.load_state("encoder", "k") is not None
+    assert c.load_meta("encoder", "k") == {"diagnostics": {"gap": 0.3}}
+    p.with_suffix(".json").write_text("[1, 2")  # a half-written sidecar
+    assert c.load_state("encoder", "k") is None
+    assert not p.exists() and not p.with_suffix(".json").exists()
+
+
+def test_pipeline_rebuilds_a_truncated_encoder_and_builds_under_the_lock(compose_cfg, monkeypatch):
+    from securetl.pipeline import run
+
+    built: list[tuple[str, str]] = []
+    real = Cache.building
+
+    def spy(self, kind, key):
+        built.append((kind, key))
+        return real(self, kind, key)
+
+    monkeypatch.setattr(Cache, "building", spy)
+    row = run(compose_cfg([]))
+    key = row["cache_keys"]["encoder"]
+    assert ("encoder", key) in built
+    art = next(Path(os.environ["SECURETL_ROOT"]).glob(f".cache/securetl/encoder/{key}.safetensors"))
+    art.write_bytes(art.read_bytes()[: art.stat().st_size // 2])
+    again = run(compose_cfg(["resume=false"]))
+    assert again["cache_keys"]["encoder"] == key
+    assert art.with_name(art.name + ".corrupt").exists()
+    assert Cache(art.parents[1]).load_state("encoder", key) is not None  # rebuilt, and readable
+
+
+# --------------------------------------------------------------------------- cache: one atomic commit
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no handler on the way may swallow it."""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3])
+def test_a_writer_killed_between_steps_never_leaves_weights_without_metadata(tmp_path, monkeypatch, kill_at):
+    """Interrupt the writer at its k-th rename: whatever is visible afterwards is complete."""
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise Killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    c = Cache(tmp_path)
+    meta = {"diagnostics": {"gap": 0.25}}
+    try:
+        c.save_state("implanted", "k", {"w": torch.arange(3.0)}, meta)
+    except Killed:
+        pass
+    monkeypatch.setattr(os, "replace", real_replace)
+    if c.load_state("implanted", "k") is not None:
+        assert c.load_meta("implanted", "k") == meta
+
+
+def test_save_flushes_the_temp_file_before_the_rename(tmp_path, monkeypatch):
+    order: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b))[1])
+    Cache(tmp_path).save_state("encoder", "k", {"w": torch.ones(1)}, {})
+    assert "fsync" in order and order.index("fsync") < order.index("replace")
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path):
+    c = Cache(tmp_path)
+    d = tmp_path / "encoder"
+    d.mkdir()
+    stale, fresh = d / ".k.safetensors.abc123.tmp", d / ".j.safetensors.def456.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written")
+    old = time.time() - 2 * cache_mod.STALE_TMP_S
+    os.utime(stale, (old, old))
+    c.save_state("encoder", "k", {"w": torch.ones(1)}, {})
+    assert not stale.exists() and fresh.exists()  # a live writer's file is left alone
+    assert c.load_state("encoder", "k") is not None
+
+
+# --------------------------------------------------------------------------- cache: concurrent builders
+def _load_or_build(root: str, log_file: str, barrier) -> None:
+    """What obtain does for one artifact, in another process."""
+    c = Cache(root)
+    barrier.wait()
+    with c.building("encoder", "shared"):
+        if c.load_state("encoder", "shared") is None:
+            with open(log_file, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            time.sleep(0.5)  # a build takes a while: the other job must wait, not build too
+            c.save_state("encoder", "shared", {"w": torch.ones(4)}, {"by": os.getpid()})
+    assert c.load_state("encoder", "shared") is not None
+
+
+def test_two_processes_needing_one_artifact_build_it_once(tmp_path):
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold OpenMP threads
+    barrier = ctx.Barrier(2)
+    log_file = tmp_path / "builds.txt"
+    procs = [ctx.Process(target=_load_or_build, args=(str(tmp_path), str(log_file), barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(log_file.read_text().split()) == 1
+
+
+# --------------------------------------------------------------------------- file modes
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_respect_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        c = Cache(tmp_path)
+        p = c.save_state("encoder", "k", {"w": torch.ones(1)}, {})
+        atomic_write_json(tmp_path / "row.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "row.json").stat().st_mode) == mode
