@@ -7,6 +7,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -174,3 +175,84 @@ def test_written_files_respect_the_umask(tmp_path, umask, mode):
         os.umask(old)
     assert stat.S_IMODE(p.stat().st_mode) == mode
     assert stat.S_IMODE((tmp_path / "row.json").stat().st_mode) == mode
+
+
+# --------------------------------------------------------------------------- rows that are not rows
+NOT_ROWS = {
+    "list": b"[]",
+    "empty": b"{}",
+    "no_metrics": json.dumps({"choices": {}, "seed": 0}).encode(),
+    "metrics_not_a_dict": json.dumps({"choices": {}, "seed": 0, "metrics": [1]}).encode(),
+    "binary": bytes(range(256)),
+    "latin1": '{"metrics": {"acc": 0.5}, "note": "caf\xe9"}'.encode("latin-1"),
+    "truncated": b'{"run_id": "x", "metrics": {"acc": 0.',
+}
+
+
+@pytest.mark.parametrize("what", sorted(NOT_ROWS))
+def test_resume_moves_a_file_that_is_not_a_row_aside(tmp_path, caplog, what):
+    from securetl.results import load_row
+
+    p = tmp_path / "abc.json"
+    p.write_bytes(NOT_ROWS[what])
+    with caplog.at_level(logging.WARNING, logger="securetl.results"):
+        assert load_row(tmp_path, "abc") is None
+    assert str(p) in caplog.text
+    assert not p.exists() and (tmp_path / "abc.json.bad").read_bytes() == NOT_ROWS[what]
+
+
+def test_a_sweep_resumes_past_a_row_file_that_is_not_a_row(compose_cfg):
+    from securetl.pipeline import run
+
+    first = run(compose_cfg([]))
+    p = Path(compose_cfg([]).paths.results_dir) / "raw" / f"{first['run_id']}.json"
+    p.write_text("[]")
+    row = run(compose_cfg([]))  # resume=true: reads the file, reports it, recomputes
+    assert "skipped" not in row and row["metrics"] == first["metrics"]
+    assert json.loads(p.read_text())["run_id"] == first["run_id"]
+    assert p.with_name(p.name + ".bad").read_text() == "[]"
+
+
+def test_the_table_tool_skips_files_that_are_not_rows_with_one_warning_each(tmp_path, caplog):
+    from securetl.tables import render
+
+    (tmp_path / "conf" / "table").mkdir(parents=True)
+    (tmp_path / "conf" / "table" / "t.yaml").write_text(
+        "hydra:\n  sweeper:\n    params:\n      data_attack: badnets\n      seed: 0\n"
+        "report:\n  rows: [data_attack]\n  metrics: [acc]\n"
+    )
+    raw = tmp_path / "results" / "raw"
+    raw.mkdir(parents=True)
+    good = {"choices": {"data_attack": "badnets"}, "seed": 0, "metrics": {"acc": 0.75}}
+    (raw / "good.json").write_text(json.dumps(good))
+    for what, data in NOT_ROWS.items():
+        (raw / f"{what}.json").write_bytes(data)
+    with caplog.at_level(logging.WARNING):
+        md = render("t", tmp_path / "results", conf_dir=tmp_path / "conf")
+    assert re.search(r"\|\s*badnets\s*\|\s*75(\.00)?\s*\|", md)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == len(NOT_ROWS)
+    for what in NOT_ROWS:
+        assert sum(f"{what}.json" in w for w in warnings) == 1
+    assert all((raw / f"{what}.json").exists() for what in NOT_ROWS)  # the table tool only reads
+
+
+# --------------------------------------------------------------------------- peak memory per run
+def test_peak_memory_is_this_runs_not_the_processs():
+    import resource
+
+    from securetl.results import PeakMemory
+
+    def hold(mb: int) -> None:
+        buf = torch.ones(mb * 2**20 // 4)  # touched: resident
+        time.sleep(0.3)  # longer than the sampling interval
+        del buf
+
+    hold(300)  # an earlier cell of the sweep
+    lifetime_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    quiet = PeakMemory(torch.device("cpu")).start().stop()
+    assert quiet["cpu_rss_peak_mb"] < lifetime_mb - 200
+    m = PeakMemory(torch.device("cpu")).start()
+    hold(100)
+    busy = m.stop()
+    assert busy["cpu_rss_peak_mb"] >= busy["cpu_rss_start_mb"] + 80

@@ -112,6 +112,7 @@ def run(
     logger = build(cfg.logger)
 
     timings: dict[str, float] = {}
+    memory = results.PeakMemory(device).start()  # this run's peak, not the sweep process's
     set_seed(int(cfg.seed))
     with timed(timings, "data"):
         splits: Splits = build(cfg.dataset)
@@ -156,7 +157,18 @@ def run(
     diagnostics.update(results.decision_diagnostics(defense.decisions, poisoned, len(poisoned.train)))
     diagnostics["n_poison"] = len(poisoned.poison_idx)
     diagnostics["n_cover"] = len(poisoned.cover_idx)
-    row = results.make_row(cfg, run_id, choices, metrics, diagnostics, timings, device, cache_keys, overrides)
+    row = results.make_row(
+        cfg,
+        run_id,
+        choices,
+        metrics,
+        diagnostics,
+        timings,
+        device,
+        cache_keys,
+        overrides,
+        memory=memory.stop(),
+    )
     row["deltas"] = deltas
     results.write_row(raw_dir, row)
     logger.log(metrics | {f"time/{k}": v for k, v in timings.items()})

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from securetl.cache import atomic_write_json, config_hash
+from securetl.cache import atomic_write_json, config_hash, move_aside
 from securetl.interfaces import Poisoned
 
 log = logging.getLogger(__name__)
@@ -60,15 +62,37 @@ def choices_of(cfg: DictConfig) -> dict[str, str]:
     return {g: str(ch.get(g)) for g in GROUPS}
 
 
+# what resume and the tables read from every row, and the type each must have
+ROW_KEYS: dict[str, type | tuple[type, ...]] = {"metrics": dict, "choices": dict, "seed": (int, str)}
+
+
+def read_row(p: Path) -> tuple[dict | None, str]:
+    """(row, "") or (None, why the file is not a row): unreadable, not UTF-8, not JSON, or JSON that lacks
+    what a row has (a list, `{}`, no `metrics`, ...)."""
+    try:
+        obj = json.loads(Path(p).read_bytes().decode("utf-8"))
+    # UnicodeDecodeError and JSONDecodeError are ValueErrors; RecursionError: absurdly deep nesting
+    except (OSError, ValueError, RecursionError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    if not isinstance(obj, dict):
+        return None, f"JSON {type(obj).__name__}, not a row object"
+    for key, kind in ROW_KEYS.items():
+        if not isinstance(obj.get(key), kind):
+            return None, f"no valid {key!r}"
+    return obj, ""
+
+
 def load_row(raw_dir: Path, rid: str) -> dict | None:
+    """The finished row of run `rid` (resume), or None. A file under its name that is not a row is reported
+    and moved aside (`<name>.bad`, kept for a look), so the run is recomputed instead of crashing the sweep."""
     p = Path(raw_dir) / f"{rid}.json"
     if not p.exists():
         return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        log.warning("ignoring unreadable row %s (it will be recomputed)", p)
-        return None
+    row, why = read_row(p)
+    if row is None:
+        dest = move_aside(p, ".bad")
+        log.warning("row %s is unreadable (%s): moved aside to %s; the run is recomputed", p, why, dest.name)
+    return row
 
 
 def git_sha() -> str:
@@ -85,11 +109,60 @@ def git_sha() -> str:
         return "unknown"
 
 
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    mem = {"cpu_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if device.type == "cuda":
-        mem["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return mem
+def _rss_mb() -> float | None:
+    """Resident set size now (Linux: /proc/self/statm, a cheap read), or None where there is no /proc."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory of ONE run, not of the process: a sweep runs many cells in one process, whose lifetime peak
+    (`ru_maxrss`) would only ever grow. CPU: a daemon thread samples the resident set size every `interval`
+    seconds (`cpu_rss_peak_mb`, beside `cpu_rss_start_mb`, what the process held when the run began); without
+    /proc, the process's lifetime peak instead (`cpu_rss_process_peak_mb`). CUDA: the peak of memory allocated
+    to tensors since the run started (`gpu_allocated_peak_mb`)."""
+
+    _running: PeakMemory | None = None  # a run that raised never stopped its sampler: the next run does
+
+    def __init__(self, device: torch.device, interval: float = 0.05) -> None:
+        self.device, self.interval = torch.device(device), interval
+        self._stop = threading.Event()
+        self._start = self._peak = _rss_mb()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PeakMemory:
+        if PeakMemory._running is not None:
+            PeakMemory._running.stop()
+        PeakMemory._running = self
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self._start is not None:
+            self._thread = threading.Thread(target=self._sample, name="securetl-peak-memory", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, _rss_mb() or 0.0)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if PeakMemory._running is self:
+            PeakMemory._running = None
+        if self._start is None:
+            lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            mem = {"cpu_rss_process_peak_mb": round(lifetime, 1)}
+        else:
+            self._peak = max(self._peak, _rss_mb() or 0.0)
+            mem = {"cpu_rss_peak_mb": round(self._peak, 1), "cpu_rss_start_mb": round(self._start, 1)}
+        if self.device.type == "cuda":
+            mem["gpu_allocated_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return mem
 
 
 def decision_diagnostics(decisions: dict[str, Any], poisoned: Poisoned, n: int) -> dict[str, Any]:
@@ -131,7 +204,9 @@ def make_row(
     device: torch.device,
     cache_keys: dict,
     overrides: list[str] | None,
+    memory: dict | None = None,
 ) -> dict[str, Any]:
+    """One row. `memory`: PeakMemory.stop() of this run (without it, a sampler started now measures nothing)."""
     return {
         "run_id": rid,
         "choices": choices,
@@ -139,7 +214,7 @@ def make_row(
         "metrics": metrics,
         "diagnostics": diagnostics,
         "timings": timings | {"total": round(sum(timings.values()), 3)},
-        "memory": peak_memory_mb(device),
+        "memory": memory if memory is not None else PeakMemory(device).start().stop(),
         "device": str(device),
         "host": platform.node(),
         "torch": torch.__version__,
@@ -157,10 +232,12 @@ def write_row(raw_dir: Path, row: dict) -> Path:
 
 
 def read_rows(raw_dir: Path) -> list[dict]:
+    """Every row under `raw_dir`; a file that is not a row is skipped with one warning that names it."""
     rows = []
     for p in sorted(Path(raw_dir).glob("*.json")):
-        try:
-            rows.append(json.loads(p.read_text()))
-        except json.JSONDecodeError:
-            log.warning("skipping unreadable row %s", p)
+        row, why = read_row(p)
+        if row is None:
+            log.warning("skipping %s: not a run row (%s)", p, why)
+        else:
+            rows.append(row)
     return rows
