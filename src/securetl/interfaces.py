@@ -7,7 +7,7 @@ Images are uint8 tensors (N, C, H, W) at rest and float tensors in [0, 1] when a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -66,6 +66,11 @@ class Splits:
     # Object-free images of the pre-training domain (uint8 N x C x H x W), the scenes CorruptEncoder pastes
     # its objects on (the authors use Places365); None where the dataset has none.
     background: Tensor | None = None
+    # The clean reserve: labelled downstream images, class-balanced, disjoint from train and test, the same
+    # for every run of a dataset. Only a defense whose Knowledge.clean_fraction > 0 receives part of it
+    # (RunContext.clean, handed over by the pipeline); synthetic data generate it, real datasets carve it
+    # from the official test split.
+    clean: LabeledSet | None = None
 
 
 @dataclass
@@ -87,6 +92,9 @@ class RunContext:
     num_classes: int
     cache: Any = None  # securetl.cache.Cache
     progress: bool = True
+    # the defense's share of the clean reserve (None unless its Knowledge.clean_fraction > 0); the pipeline
+    # sets it on the context it hands to the defense only
+    clean: LabeledSet | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def generator(self, salt: int = 0) -> torch.Generator:
@@ -214,6 +222,7 @@ class Knowledge:
     """What a defense is allowed to see. `reads_poison_idx` is never True: the pipeline does not hand it over."""
 
     clean_fraction: float = 0.0  # fraction of the train set the defender may assume clean (0 = none)
+    needs_clean: bool = False  # the method cannot run without clean data: clean_fraction=0 is a ConfigError
     trains_encoder: bool = False
     reads_poison_idx: bool = False
 
@@ -228,11 +237,16 @@ class Defense:
     """
 
     name: ClassVar[str] = "base"
-    knowledge: ClassVar[Knowledge] = Knowledge()
+    knowledge: Knowledge = Knowledge()  # the class's declaration; an instance may override clean_fraction
 
-    def __init__(self) -> None:
+    def __init__(self, clean_fraction: float | None = None) -> None:
+        """`clean_fraction` (config `defense.clean_fraction`): overrides the declared share of clean data."""
         self.decisions: dict[str, Any] = {}
         self.diagnostics: dict[str, Any] = {}
+        if clean_fraction is not None:
+            if not 0.0 <= float(clean_fraction) <= 1.0:
+                raise ValueError(f"defense.clean_fraction={clean_fraction} must lie in [0, 1]")
+            self.knowledge = replace(type(self).knowledge, clean_fraction=float(clean_fraction))
 
     def filter(self, encoder: nn.Module, train: LabeledSet, probe: Any, ctx: RunContext) -> Tensor:
         """Indices of `train` to keep. Default: all."""

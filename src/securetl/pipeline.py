@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from securetl.cache import Cache, plain
 from securetl.deltas import apply_deltas
 from securetl.encoders.obtain import obtain
 from securetl.interfaces import DataAttack, Defense, EncoderAttack, RunContext, Splits
+from securetl.knowledge import check_knowledge, clean_share
+from securetl.knowledge import record as record_knowledge
 from securetl.metrics import TriggerEval, evaluate, knn_evaluate
 from securetl.validate import ConfigError, resolve_device, validate_targets
 
@@ -107,6 +110,7 @@ def run(
     data_attack: DataAttack = build(cfg.data_attack)
     encoder_attack: EncoderAttack = build(cfg.encoder_attack)
     defense: Defense = build(cfg.defense)
+    knowledge = check_knowledge(defense, choices.get("defense"))  # clean data needed but none given: stop here
     probe = build(cfg.probe)
     encoder_spec = build(cfg.encoder)
     logger = build(cfg.logger)
@@ -117,6 +121,7 @@ def run(
     with timed(timings, "data"):
         splits: Splits = build(cfg.dataset)
     validate_targets(splits.num_classes, data_attack, encoder_attack)
+    clean = clean_share(splits, knowledge, choices.get("defense"))  # None unless the defense declares a share
     ctx = RunContext(
         device=device,
         seed=int(cfg.seed),
@@ -146,13 +151,16 @@ def run(
     with timed(timings, "poison"):
         poisoned = data_attack.poison(splits.train, ctx.generator(salt=1))
     set_seed(int(cfg.seed))
+    # the defense's own context: its share of the clean reserve, and no diagnostics of the attacks so far
+    defense_ctx = replace(ctx, clean=clean, diagnostics={})
     with timed(timings, "defense"):
         # the defense gets the LabeledSet only: poison_idx never reaches it
-        model = defense.train(encoder, poisoned.train, probe, ctx)
+        model = defense.train(encoder, poisoned.train, probe, defense_ctx)
     with timed(timings, "evaluate"):
         metrics = evaluate(model, splits.test, triggers, ctx) | knn
 
     diagnostics = dict(ctx.diagnostics)
+    diagnostics.update(defense_ctx.diagnostics)
     diagnostics.update(defense.diagnostics)
     diagnostics.update(results.decision_diagnostics(defense.decisions, poisoned, len(poisoned.train)))
     diagnostics["n_poison"] = len(poisoned.poison_idx)
@@ -170,6 +178,7 @@ def run(
         memory=memory.stop(),
     )
     row["deltas"] = deltas
+    row["knowledge"] = record_knowledge(knowledge, clean)
     results.write_row(raw_dir, row)
     logger.log(metrics | {f"time/{k}": v for k, v in timings.items()})
     logger.finish()

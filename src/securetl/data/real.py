@@ -396,7 +396,7 @@ def _log_memory(splits: Splits) -> None:
     seen: set[int] = set()
     total = 0
     parts = []
-    for part in ("train", "test", "pretrain", "reference"):
+    for part in ("train", "test", "pretrain", "reference", "clean"):
         ls = getattr(splits, part)
         if ls is None:
             continue
@@ -451,8 +451,10 @@ def finish(
     n_pretrain: int | None = None,
     n_reference: int = 100,
     seed: int = 0,
+    n_clean: int = 0,
 ) -> Splits:
-    """Hold out the reference images, take the requested subsets, and assemble Splits (see module doc)."""
+    """Hold out the reference images and the clean reserve, take the requested subsets, and assemble Splits
+    (see module doc)."""
     num_classes = len(class_names)
     for part, ls in (("train", train), ("test", test)):
         if len(ls) == 0:
@@ -472,6 +474,18 @@ def finish(
         keep[ref] = False
         reference = train.subset(ref)
         train = train.subset(torch.nonzero(keep).squeeze(1))
+    if n_clean < 0:
+        raise ConfigError(f"dataset.n_clean={n_clean} must be >= 0")
+    clean = None
+    if n_clean:
+        # the clean reserve, carved from the official test split before any n_test subset, with a generator of
+        # its own (the reference draw and the subsets are the same with or without it); the evaluation set
+        # shrinks by n_clean for every run, whatever the defense
+        held = _reference_idx(test.y, n_clean, num_classes, torch.Generator().manual_seed(seed + 7_000_003))
+        keep = torch.ones(len(test), dtype=torch.bool)
+        keep[held] = False
+        clean = test.subset(held)
+        test = test.subset(torch.nonzero(keep).squeeze(1))
     if pretrain is None:
         pretrain = train  # the same tensors: pre-training on the downstream train images costs no memory
     splits = Splits(
@@ -482,13 +496,16 @@ def finish(
         class_names=list(class_names),
         pretrain=_subsample(pretrain, n_pretrain, g, "n_pretrain"),
         reference=reference,
+        clean=clean,
     )
     _log_memory(splits)
     return splits
 
 
 # --------------------------------------------------------------------------- CIFAR-10 / CIFAR-100
-def _cifar(name, cls, root, download, verify, size, n_train, n_test, n_pretrain, n_reference, seed) -> Splits:
+def _cifar(
+    name, cls, root, download, verify, size, n_train, n_test, n_pretrain, n_reference, seed, n_clean
+) -> Splits:
     root = _root(root)
     if download:
         fetch_dataset(name, root)
@@ -500,7 +517,9 @@ def _cifar(name, cls, root, download, verify, size, n_train, n_test, n_pretrain,
     tr, te = reader(str(root), train=True), reader(str(root), train=False)
     train = LabeledSet(_resize(_from_hwc(tr.data), size), _labels(tr.targets))
     test = LabeledSet(_resize(_from_hwc(te.data), size), _labels(te.targets))
-    return finish(name, train, test, list(tr.classes), None, n_train, n_test, n_pretrain, n_reference, seed)
+    return finish(
+        name, train, test, list(tr.classes), None, n_train, n_test, n_pretrain, n_reference, seed, n_clean
+    )
 
 
 def build_cifar10(
@@ -513,10 +532,22 @@ def build_cifar10(
     n_pretrain: int | None = None,
     n_reference: int = 100,
     seed: int = 0,
+    n_clean: int = 2500,
 ) -> Splits:
     """CIFAR-10 (50,000 train / 10,000 test, 32x32) from `root`/cifar-10-batches-py."""
     return _cifar(
-        "cifar10", tvd.CIFAR10, root, download, verify, size, n_train, n_test, n_pretrain, n_reference, seed
+        "cifar10",
+        tvd.CIFAR10,
+        root,
+        download,
+        verify,
+        size,
+        n_train,
+        n_test,
+        n_pretrain,
+        n_reference,
+        seed,
+        n_clean,
     )
 
 
@@ -530,10 +561,22 @@ def build_cifar100(
     n_pretrain: int | None = None,
     n_reference: int = 500,
     seed: int = 0,
+    n_clean: int = 2500,
 ) -> Splits:
     """CIFAR-100, fine labels (50,000 train / 10,000 test, 32x32) from `root`/cifar-100-python."""
     return _cifar(
-        "cifar100", tvd.CIFAR100, root, download, verify, size, n_train, n_test, n_pretrain, n_reference, seed
+        "cifar100",
+        tvd.CIFAR100,
+        root,
+        download,
+        verify,
+        size,
+        n_train,
+        n_test,
+        n_pretrain,
+        n_reference,
+        seed,
+        n_clean,
     )
 
 
@@ -552,6 +595,7 @@ def build_stl10(
     n_pretrain: int | None = None,
     n_reference: int = 100,
     seed: int = 0,
+    n_clean: int = 250,
 ) -> Splits:
     """STL-10 (5,000 train / 8,000 test, 96x96 resized to `size`) from `root`/stl10_binary.
 
@@ -589,7 +633,9 @@ def build_stl10(
         if len(parts) == 1
         else LabeledSet(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
     )
-    return finish("stl10", train, test, classes, pretrain, n_train, n_test, n_pretrain, n_reference, seed)
+    return finish(
+        "stl10", train, test, classes, pretrain, n_train, n_test, n_pretrain, n_reference, seed, n_clean
+    )
 
 
 # --------------------------------------------------------------------------- SVHN
@@ -603,6 +649,7 @@ def build_svhn(
     n_pretrain: int | None = None,
     n_reference: int = 100,
     seed: int = 0,
+    n_clean: int = 3700,
 ) -> Splits:
     """SVHN cropped digits (73,257 train / 26,032 test, 32x32) from `root`/svhn; label 0 is the digit 0."""
     root = _root(root)
@@ -615,7 +662,9 @@ def build_svhn(
     tr, te = reader(str(base), split="train"), reader(str(base), split="test")
     train = LabeledSet(_resize(torch.from_numpy(tr.data), size), _labels(tr.labels))
     test = LabeledSet(_resize(torch.from_numpy(te.data), size), _labels(te.labels))
-    return finish("svhn", train, test, SVHN_CLASSES, None, n_train, n_test, n_pretrain, n_reference, seed)
+    return finish(
+        "svhn", train, test, SVHN_CLASSES, None, n_train, n_test, n_pretrain, n_reference, seed, n_clean
+    )
 
 
 # --------------------------------------------------------------------------- image-file datasets
@@ -645,6 +694,7 @@ def build_gtsrb(
     n_pretrain: int | None = None,
     n_reference: int = 430,
     seed: int = 0,
+    n_clean: int = 2150,
 ) -> Splits:
     """GTSRB (39,209 train / 12,630 test, 43 classes; images of varying size resized to `size` x `size`,
     as BadEncoder does) from `root`/gtsrb in torchvision's layout."""
@@ -660,7 +710,9 @@ def build_gtsrb(
     test = _decode_all(
         "gtsrb", tvd.GTSRB(str(root), split="test", transform=tf), size, num_workers, "GTSRB test"
     )
-    return finish("gtsrb", train, test, GTSRB_CLASSES, None, n_train, n_test, n_pretrain, n_reference, seed)
+    return finish(
+        "gtsrb", train, test, GTSRB_CLASSES, None, n_train, n_test, n_pretrain, n_reference, seed, n_clean
+    )
 
 
 def _open_rgb(path: str, size: int) -> Image.Image:
@@ -697,6 +749,7 @@ def build_imagenet10(
     n_pretrain: int | None = None,
     n_reference: int = 100,
     seed: int = 0,
+    n_clean: int = 100,
 ) -> Splits:
     """A class subset of an ImageNet-style folder (`root`/`folder`/{train,val}/<wnid>/*.JPEG): the short side
     resized to `size`, then centre-cropped to `size` x `size`. `classes`: WordNet ids, label = position."""
@@ -722,7 +775,9 @@ def build_imagenet10(
     _expect("imagenet10", len(tr) + len(te), size)
     train = _decode_all("imagenet10", tr, size, num_workers, "ImageNet-10 train")
     test = _decode_all("imagenet10", te, size, num_workers, "ImageNet-10 val")
-    return finish("imagenet10", train, test, names, None, n_train, n_test, n_pretrain, n_reference, seed)
+    return finish(
+        "imagenet10", train, test, names, None, n_train, n_test, n_pretrain, n_reference, seed, n_clean
+    )
 
 
 BUILDERS = {

@@ -261,8 +261,14 @@ def build_synthetic(
     palette_size: int = 12,
     pretrain_domain: str = "pretrain",
     downstream_domain: str = "downstream",
+    n_clean: int | None = None,
 ) -> Splits:
     """Build the synthetic splits. All sizes and difficulty knobs are config keys (conf/dataset/synthetic.yaml).
+
+    `n_clean`: size of the clean reserve (Splits.clean), generated from a stream of its own (train, test and
+    pre-training images are the same with or without it); class-balanced. None = a tenth of `n_train`, rounded
+    down to whole classes (enough for `defense.clean_fraction` up to 0.1). Not in the YAML on purpose: a new
+    key would change the run_id of every synthetic row; `+dataset.n_clean=N` sets it.
 
     Memoised per process on the arguments: a multirun's jobs share one build (~2 s each otherwise). Callers
     never modify splits in place (attacks clone before poisoning), so sharing the tensors is safe.
@@ -283,6 +289,14 @@ def _build_splits(**a) -> Splits:
     pretrain = generate(a["n_pretrain"], pre, seed * 3 + 2, **kw)
     reference = generate(a["n_reference"], down, seed * 3 + 1_000_003, **kw)
     background = backgrounds(a["n_pretrain"] // num_classes, pre, seed * 3 + 2_000_003, **kw)
+    n_clean = a["n_clean"]
+    if n_clean is None:
+        n_clean = a["n_train"] // 10 // num_classes * num_classes
+    if n_clean < 0:
+        raise ValueError(f"dataset.n_clean={n_clean} must be >= 0")
+    # the clean reserve: the downstream domain, its own seed (disjoint from train/test/reference streams);
+    # generate() balances classes exactly when n_clean is a multiple of num_classes
+    clean = generate(n_clean, down, seed * 3 + 3_000_003, **kw) if n_clean else None
     return Splits(
         name="synthetic",
         train=train,
@@ -292,4 +306,5 @@ def _build_splits(**a) -> Splits:
         pretrain=pretrain,
         reference=reference,
         background=background,
+        clean=clean,
     )
