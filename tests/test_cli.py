@@ -179,3 +179,51 @@ def test_a_table_sweeping_a_group_override_renders_its_rows(tmp_path):
     md = render("floor", tmp_path / "results", conf_dir=tmp_path / "conf")
     assert re.search(r"\|\s*6\s*\|\s*3\s*\|", md) and re.search(r"\|\s*7\s*\|\s*4\s*\|", md)
     assert "Missing" not in md
+
+
+def _sweep_with_a_rejected_cell(env, tmp_path, launcher: list[str]) -> None:
+    """The rejected cell comes first: the cell after it must still run."""
+    out = cli(["-m", *launcher, *TINY, "data_attack=badnets", "data_attack.poison_rate=1.5,0.1"], env)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "results" / "raw").glob("*.json")]
+    assert [r["config"]["data_attack"]["poison_rate"] for r in rows] == [0.1]
+    failed = [json.loads(p.read_text()) for p in (tmp_path / "results" / "failed").glob("*.json")]
+    assert len(failed) == 1 and "data_attack.poison_rate=1.5" in failed[0]["overrides"]
+    assert "poison_rate=1.5" in failed[0]["error"]
+    summary = out.stderr[out.stderr.index("cell(s) of this sweep failed") :]
+    assert "data_attack.poison_rate=1.5" in summary and "data_attack.poison_rate=0.1" not in summary
+
+
+def test_a_rejected_cell_does_not_end_the_sweep(env, tmp_path):
+    _sweep_with_a_rejected_cell(env, tmp_path, [])
+
+
+@pytest.mark.slow
+def test_a_rejected_cell_does_not_end_a_joblib_sweep(env, tmp_path):
+    """Jobs in other processes: the failure reaches the sweep's report through its record."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    _sweep_with_a_rejected_cell(env, tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
+
+
+def test_the_table_lists_why_a_missing_cell_failed(tmp_path):
+    from securetl.tables import render
+
+    (tmp_path / "conf" / "table").mkdir(parents=True)
+    (tmp_path / "conf" / "table" / "rates.yaml").write_text(
+        "hydra:\n  sweeper:\n    params:\n      data_attack.poison_rate: 0.1,1.5\n      seed: 0\n"
+        "report:\n  rows: [data_attack.poison_rate]\n  metrics: [acc]\n  where: {dataset: synthetic}\n"
+    )
+    results = tmp_path / "results"
+    (results / "raw").mkdir(parents=True)
+    (results / "failed").mkdir()
+    ch = {"dataset": "synthetic", "data_attack": "badnets"}
+    row = {"choices": ch, "seed": 0, "metrics": {"acc": 0.8}, "config": {"data_attack": {"poison_rate": 0.1}}}
+    (results / "raw" / "a.json").write_text(json.dumps(row))
+    fail = {"choices": ch, "seed": 0, "config": {"data_attack": {"poison_rate": 1.5}}, "error": "too high"}
+    (results / "failed" / "b.json").write_text(json.dumps(fail))
+    other = dict(fail, choices={**ch, "dataset": "cifar10"}, error="not this table")
+    (results / "failed" / "c.json").write_text(json.dumps(other))
+    md = render("rates", results, conf_dir=tmp_path / "conf")
+    assert "- data_attack.poison_rate=1.5, seed=0 — failed: too high" in md
+    assert "not this table" not in md

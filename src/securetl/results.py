@@ -8,7 +8,9 @@ import os
 import platform
 import resource
 import subprocess
+import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from securetl.cache import atomic_write_json, config_hash, move_aside
+from securetl.deltas import apply_deltas
 from securetl.interfaces import Poisoned
+from securetl.validate import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -241,3 +245,78 @@ def read_rows(raw_dir: Path) -> list[dict]:
         else:
             rows.append(row)
     return rows
+
+
+def ensure_results_dir(results_dir: Path) -> Path:
+    """`<results_dir>/raw`, created and test-written, so that a results dir that is a file or is not writable
+    stops a run at its start with one line, not after the whole run when its row cannot be written."""
+    raw = Path(results_dir) / "raw"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=raw, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ConfigError(
+            f"paths.results_dir={results_dir}: cannot write rows under {raw} ({e.strerror or e}); "
+            "set paths.results_dir or SECURETL_RESULTS_DIR to a writable folder"
+        ) from None
+    return raw
+
+
+# --------------------------------------------------------------------------- failure records
+# A sweep cell that failed leaves `<results_dir>/failed/<run_id>.json`: what it was run with and why it
+# failed. The sweep's report and the table tool read them; the cell's next success removes its record.
+FAILED_DIR = "failed"
+
+
+def failure_record(
+    cfg: DictConfig,
+    choices: dict[str, str],
+    overrides: list[str],
+    err: BaseException,
+    sweep: str | None = None,
+    job: dict | None = None,
+) -> dict[str, Any]:
+    """The record of a failed cell, under the run_id its row would have had (so a later success finds it)."""
+    try:
+        apply_deltas(cfg, choices, overrides)  # idempotent: the pipeline applies them before its run_id
+        rid, config = run_id(cfg, choices), resolved(cfg, ("hydra", "paths"))
+    except Exception:  # a config that does not even resolve is still recorded, under its overrides
+        rid, config = config_hash("failed", sorted(overrides), choices), None
+    return {
+        "run_id": rid,
+        "choices": choices,
+        "seed": OmegaConf.select(cfg, "seed", throw_on_resolution_failure=False),
+        "overrides": list(overrides),
+        "error": str(err),
+        "error_type": type(err).__name__,
+        "config": config,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "sweep": sweep,
+        "job": job or {},
+    }
+
+
+def write_failure(results_dir: Path, record: dict) -> Path:
+    p = Path(results_dir) / FAILED_DIR / f"{record['run_id']}.json"
+    atomic_write_json(p, record)
+    return p
+
+
+def clear_failure(results_dir: Path, rid: str) -> None:
+    (Path(results_dir) / FAILED_DIR / f"{rid}.json").unlink(missing_ok=True)
+
+
+def read_failures(results_dir: Path, sweep: str | None = None) -> list[dict]:
+    """The failure records under `results_dir` (only those of sweep `sweep` when given), oldest first."""
+    out = []
+    for p in sorted((Path(results_dir) / FAILED_DIR).glob("*.json")):
+        try:
+            rec = json.loads(p.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable failure record %s (%s)", p, e)
+            continue
+        if isinstance(rec, dict) and "error" in rec and (sweep is None or rec.get("sweep") == sweep):
+            out.append(rec)
+    return sorted(out, key=lambda r: (str(r.get("time")), str((r.get("job") or {}).get("num"))))

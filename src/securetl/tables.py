@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from securetl.results import read_rows
+from securetl.results import read_failures, read_rows
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 METRIC_NAMES = {
@@ -194,6 +194,33 @@ def prefer_plain_rows(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return df[n == fewest]
 
 
+def record_value(record: dict, key: str) -> str:
+    """A row's (or failure record's) value of a table key: a group choice, `seed`, or a dotted config key,
+    written as the missing-cell labels of build_table write it."""
+    if key == "seed":
+        return str(record.get("seed"))
+    choices = record.get("choices") or {}
+    if key in choices:
+        return str(choices[key])
+    v = config_value(record.get("config") or {}, key)
+    return "None" if v is None else str(v)
+
+
+def failed_cells(records: list[dict], report: dict, sweep: dict) -> dict[str, str]:
+    """Missing-cell label -> the error of that cell's last failed run (results/failed/*.json), for the
+    failure records that fall inside this table (its `where` and its sweep)."""
+    keys = [*report.get("rows", []), *report.get("cols", [])]
+    out = {}
+    for r in records:
+        if any(record_value(r, k) != str(v) for k, v in report.get("where", {}).items()):
+            continue
+        if any("@" not in k and record_value(r, k) not in vals for k, vals in sweep.items()):
+            continue
+        label = ", ".join(f"{k}={record_value(r, k)}" for k in keys) + f", seed={record_value(r, 'seed')}"
+        out[label] = str(r.get("error", "?"))
+    return out
+
+
 def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Path | None = None) -> str:
     preset = load_preset(name, conf_dir)
     report, sweep = preset["report"], preset["sweep"]
@@ -227,7 +254,10 @@ def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Pat
             + "\n"
         )
     if missing:
-        md += f"\nMissing cells ({len(missing)}):\n" + "".join(f"- {m}\n" for m in missing)
+        failed = failed_cells(read_failures(Path(results_dir)), report, sweep)
+        md += f"\nMissing cells ({len(missing)}):\n" + "".join(
+            f"- {m}" + (f" — failed: {failed[m]}" if m in failed else "") + "\n" for m in missing
+        )
     (out_dir / f"{name}.md").write_text(md)
     if len(long):
         flat = long.copy()
