@@ -41,8 +41,12 @@ def test_synthetic_reserve_is_disjoint_balanced_fixed_and_leaves_the_other_split
 
 def test_real_reserve_is_carved_from_test_balanced_and_independent_of_n_test():
     g = torch.Generator().manual_seed(0)
-    train = LabeledSet(torch.randint(0, 256, (200, 3, 4, 4), generator=g, dtype=torch.uint8), torch.arange(200) % 4)
-    test = LabeledSet(torch.randint(0, 256, (100, 3, 4, 4), generator=g, dtype=torch.uint8), torch.arange(100) % 4)
+    train = LabeledSet(
+        torch.randint(0, 256, (200, 3, 4, 4), generator=g, dtype=torch.uint8), torch.arange(200) % 4
+    )
+    test = LabeledSet(
+        torch.randint(0, 256, (100, 3, 4, 4), generator=g, dtype=torch.uint8), torch.arange(100) % 4
+    )
     names = ["a", "b", "c", "d"]
     s = finish("fake", train, test, names, n_reference=8, n_clean=20)
     assert len(s.clean) == 20 and torch.bincount(s.clean.y).tolist() == [5] * 4
@@ -101,7 +105,9 @@ def _run_with(compose_cfg, monkeypatch, spy_cls, overrides=()):
     return row, seen, built["splits"]
 
 
-def test_defense_declaring_no_clean_data_never_receives_it_and_sees_nothing_of_the_attack(compose_cfg, monkeypatch):
+def test_defense_declaring_no_clean_data_never_receives_it_and_sees_nothing_of_the_attack(
+    compose_cfg, monkeypatch
+):
     row, (train, ctx), splits = _run_with(compose_cfg, monkeypatch, _Spy)
     assert ctx.clean is None
     assert row["knowledge"] == {
@@ -121,7 +127,9 @@ def test_defense_declaring_no_clean_data_never_receives_it_and_sees_nothing_of_t
             assert value.data_ptr() != splits.test.x.data_ptr()
 
 
-def test_defense_declaring_clean_data_gets_a_balanced_share_disjoint_from_train_and_test(compose_cfg, monkeypatch):
+def test_defense_declaring_clean_data_gets_a_balanced_share_disjoint_from_train_and_test(
+    compose_cfg, monkeypatch
+):
     row, (train, ctx), splits = _run_with(compose_cfg, monkeypatch, _CleanSpy)
     assert ctx.clean is not None and len(ctx.clean) == 30  # 0.1 x 300, 3 per class
     assert torch.bincount(ctx.clean.y, minlength=10).tolist() == [3] * 10
@@ -140,7 +148,7 @@ def test_a_method_needing_clean_data_refuses_clean_fraction_zero_before_any_work
         return real_build(node, **kw)
 
     monkeypatch.setattr(pipeline, "build", build)
-    for method in ("scan",):
+    for method in ("scan", "ct", "asset"):
         with pytest.raises(ConfigError, match="needs clean labelled data") as e:
             run(compose_cfg([f"defense={method}", "defense.clean_fraction=0"]))
         assert "\n" not in str(e.value)

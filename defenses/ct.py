@@ -1,0 +1,268 @@
+"""CT: Confusion Training -- Qi, Xie, Wang & Mittal, "Towards A Proactive ML Approach for Detecting Backdoor Poison
+Samples", USENIX Security 2023.
+
+Reference code read: Unispac/Fight-Poison-With-Poison ct_cleanser.py, confusion_training.py, config.py,
+README.md (the toolbox copy is deprecated). Needs the clean reserve. Rounds r = 0 .. len(distillation_ratio):
+
+  pretrain   train the "base" model on the current distilled set (all of D in round 0; distilled + clean in the
+             last round), starting from the previous round's base; SGD lr 0.01, momentum 0.9, wd 1e-4, batch 32
+  confuse    from the base, `confusion_steps[r]` SGD steps (lr lrs[r], momentum momentums[r], wd 1e-4, batch 32):
+             every step a clean batch relabelled (base prediction + rounder + step) mod K -- never the predicted
+             class; every `batch_factors[r]`-th step also a distilled batch, loss ((lambda-1) CE_confusion +
+             CE_inspection) / lambda with CE_inspection weighted per class by 1 / sqrt(freq + 0.001) (1 in the
+             last round); other steps the confusion CE alone
+  distill    per-sample CE of the confused model on D: keep the lowest distillation_ratio[r] |D|, topped up to
+             n_c / 50 per class; in the last round the middle `median_sample_rate` of each class's loss ranking
+             is the "clean chunklet"
+  identify   per class, the confused model's penultimate features in 2-D (PCA); Gaussian 0 fitted on the chunklet,
+             Gaussian 1 on the samples predicted as their own label; ratio exp((LL_two - LL_one) / n_c); flag the
+             class of the largest ratio when it exceeds `max_ratio_threshold` (1.5) and any class over
+             `ratio_threshold` (2); remove the flagged classes' samples predicted as their own label
+
+Transfer learning: the trained model is the probe's trainable part (a head on frozen features, or the top stages
+and a head on the activations entering them, initialised from the received encoder), the same scope as the
+final probe. The reference's debug ASR on the test set has no counterpart here. Schedules: the YAML holds the
+paper's (CIFAR-10 config.py); conf/deltas/synthetic.yaml shrinks epochs and steps for the CPU-sized default.
+T-Core's phase 2 (defenses/tcore/confusion.py) is a different confusion loop (random wrong labels on a trusted
+seed, Adam, an MLP on features, no distillation rounds), so the two share no code.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from securetl.interfaces import Knowledge
+
+from ._detection import DetectionDefense
+from ._features import Scope
+from ._scoring import host_blas
+
+log = logging.getLogger(__name__)
+
+
+def _sgd(module: nn.Module, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+
+
+def _train_epochs(module, x, y, epochs, opt, batch, g, device) -> None:
+    module.train()
+    n = len(y)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, batch):
+            b = perm[s : s + batch]
+            loss = F.cross_entropy(module(x[b].to(device)), y[b].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    module.eval()
+
+
+class _Cycler:
+    """Batches of indices drawn without replacement, reshuffled at every pass (a DataLoader with shuffle)."""
+
+    def __init__(self, n: int, batch: int, g: torch.Generator) -> None:
+        self.n, self.batch, self.g, self.perm, self.pos = n, batch, g, torch.randperm(n, generator=g), 0
+
+    def next(self) -> Tensor:
+        if self.pos >= self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.g), 0
+        b = self.perm[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return b
+
+
+@torch.no_grad()
+def _outputs(module, x, device, batch: int = 1024) -> Tensor:
+    module.eval()
+    return torch.cat([module(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+
+
+def _gauss_loglik(z: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """Log-density of rows z under N(mean, cov) (cov made positive definite by a pseudo-inverse fallback)."""
+    d = len(mean)
+    w, v = np.linalg.eigh((cov + cov.T) / 2)
+    w = np.clip(w, 1e-12, None)
+    diff = (z - mean) @ v
+    return -0.5 * ((diff**2 / w).sum(1) + np.log(w).sum() + d * np.log(2 * np.pi))
+
+
+def likelihood_ratio(proj: np.ndarray, chunklet: np.ndarray, isolated: np.ndarray) -> float:
+    """exp((LL of the two-Gaussian model - LL of the one-Gaussian model) / n) for one class (2-D features)."""
+    if isolated.sum() < 2 or chunklet.sum() < 2:
+        return 1.0
+    mu0, mu1 = proj[chunklet].mean(0), proj[isolated].mean(0)
+    cov0 = np.cov(proj[chunklet].T) + 0.001  # the reference adds 0.001 to every entry
+    cov1 = np.cov(proj[isolated].T) + 0.001
+    one = _gauss_loglik(proj, mu0, cov0)
+    two = np.where(isolated, _gauss_loglik(proj, mu1, cov1), one)
+    return float(np.exp((two.sum() - one.sum()) / len(proj)))
+
+
+class ConfusionTraining(DetectionDefense):
+    name = "ct"
+    knowledge = Knowledge(clean_fraction=0.05, needs_clean=True)
+    uses_reference_model = False  # the rounds train their own models from the received encoder
+
+    def __init__(
+        self,
+        distillation_ratio: tuple[float, ...] = (1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100),
+        lambs: tuple[float, ...] = (20, 20, 20, 30, 30, 15),
+        momentums: tuple[float, ...] = (0.7, 0.7, 0.7, 0.7, 0.7, 0.7),
+        lrs: tuple[float, ...] = (1e-3, 1e-3, 1e-3, 1e-2, 1e-2, 1e-2),
+        batch_factors: tuple[int, ...] = (2, 2, 2, 2, 2, 2),
+        pretrain_epochs: tuple[int, ...] = (100, 100, 40, 40, 40, 40),
+        confusion_steps: tuple[int, ...] = (6000, 6000, 6000, 6000, 2000, 2000),
+        pretrain_lr: float = 0.01,
+        weight_decay: float = 1e-4,
+        batch_size: int = 32,
+        min_class_share: float = 1 / 50,
+        median_sample_rate: float = 0.1,
+        max_ratio_threshold: float = 1.5,
+        ratio_threshold: float = 2.0,
+        clean_fraction: float | None = None,
+    ) -> None:
+        super().__init__(clean_fraction)
+        rounds = len(distillation_ratio) + 1
+        for key, v in (
+            ("lambs", lambs),
+            ("momentums", momentums),
+            ("lrs", lrs),
+            ("batch_factors", batch_factors),
+            ("pretrain_epochs", pretrain_epochs),
+            ("confusion_steps", confusion_steps),
+        ):
+            if len(v) != rounds:
+                raise ValueError(
+                    f"defense.{key} needs {rounds} values (len(distillation_ratio) + 1), got {len(v)}"
+                )
+        if any(lam <= 1 for lam in lambs):
+            raise ValueError(
+                "defense.lambs must be > 1 (the loss is ((lambda-1) CE_conf + CE_insp) / lambda)"
+            )
+        self.distillation_ratio, self.lambs, self.momentums = (
+            list(distillation_ratio),
+            list(lambs),
+            list(momentums),
+        )
+        self.lrs, self.batch_factors = list(lrs), [int(b) for b in batch_factors]
+        self.pretrain_epochs, self.confusion_steps = (
+            [int(e) for e in pretrain_epochs],
+            [int(s) for s in confusion_steps],
+        )
+        self.pretrain_lr, self.weight_decay, self.batch_size = pretrain_lr, weight_decay, int(batch_size)
+        self.min_class_share, self.median_sample_rate = min_class_share, median_sample_rate
+        self.max_ratio_threshold, self.ratio_threshold = max_ratio_threshold, ratio_threshold
+
+    # ------------------------------------------------------------------ the rounds
+    def detect(self, encoder, model, train, probe, ctx):
+        if ctx.clean is None or len(ctx.clean) == 0:
+            raise ValueError("CT needs the clean reserve (defense.clean_fraction > 0)")
+        dev, k = ctx.device, ctx.num_classes
+        g = ctx.generator(salt=5101)
+        torch.manual_seed(ctx.seed * 10 + 5)
+        scope = Scope.of(encoder, probe, train.x, ctx)  # from the received encoder, as the final probe
+        xd, yd = scope.inputs, train.y
+        xc, yc = scope.inputs_for(ctx.clean.x, ctx), ctx.clean.y
+        n = len(yd)
+        base = scope.module(k, ctx)
+        distilled = torch.arange(n)
+        last = len(self.distillation_ratio)
+        confused, chunklet = base, None
+        for r in range(last + 1):
+            counts = torch.bincount(yd[distilled], minlength=k).double()
+            weights = 1.0 / torch.sqrt(counts / len(distilled) + 0.001)
+            if r == last:
+                weights[:] = 1.0
+            # pretrain the base on the distilled set (and the clean set in the last round)
+            px, py = xd[distilled], yd[distilled]
+            if r == last:
+                px, py = torch.cat([px, xc]), torch.cat([py, yc])
+            opt = _sgd(base, self.pretrain_lr, 0.9, self.weight_decay)
+            _train_epochs(base, px, py, self.pretrain_epochs[r], opt, self.batch_size, g, dev)
+            # confusion training from the base
+            preds = _outputs(base, xc, dev).argmax(1)
+            confused = copy.deepcopy(base)
+            self._confuse(confused, xd[distilled], yd[distilled], xc, preds, weights.float(), r, g, dev, k)
+            loss = F.cross_entropy(_outputs(confused, xd, dev), yd, reduction="none")
+            order = torch.argsort(loss, stable=True)
+            per_class = [order[yd[order] == c] for c in range(k)]  # each class's samples, lowest loss first
+            if r < last:
+                head = order[: int(self.distillation_ratio[r] * n)]
+                have = torch.bincount(yd[head], minlength=k)
+                extra = [
+                    per_class[c][int(have[c]) : len(per_class[c]) // round(1 / self.min_class_share)]
+                    for c in range(k)
+                ]
+                distilled = torch.unique(torch.cat([head, *extra]))
+                self.diagnostics[f"ct/round{r}_distilled"] = len(distilled)
+                self.decisions[f"ct_round{r}_idx"] = distilled
+            else:
+                parts = []
+                for c in range(k):
+                    m = len(per_class[c])
+                    st = int(m / 2 - m * self.median_sample_rate / 2)
+                    ed = int(m / 2 + m * self.median_sample_rate / 2)
+                    parts.append(per_class[c][st:ed])
+                chunklet = torch.cat(parts)
+        self.decisions["ct_chunklet_idx"] = chunklet
+        return self._identify(confused, scope, xd, yd, chunklet, k, dev)
+
+    def _confuse(self, model, xd, yd, xc, preds, weights, r, g, dev, k) -> None:
+        lam, bf = self.lambs[r], self.batch_factors[r]
+        opt = _sgd(model, self.lrs[r], self.momentums[r], self.weight_decay)
+        clean_b, insp_b = _Cycler(len(xc), self.batch_size, g), _Cycler(len(yd), self.batch_size, g)
+        w = weights.to(dev)
+        model.train()
+        rounder = 0
+        for step in range(self.confusion_steps[r]):
+            if (rounder + step) % k == 0:
+                rounder += 1
+            cb = clean_b.next()
+            target = ((preds[cb] + rounder + step) % k).to(dev)  # never the base's prediction
+            if step % bf == 0:
+                ib = insp_b.next()
+                out = model(torch.cat([xc[cb], xd[ib]]).to(dev))
+                conf = F.cross_entropy(out[: len(cb)], target)
+                yi = yd[ib].to(dev)
+                per = F.cross_entropy(out[len(cb) :], yi, reduction="none")
+                insp = (per * w[yi]).sum() / w[yi].sum()
+                loss = ((lam - 1) * conf + insp) / lam
+            else:
+                loss = F.cross_entropy(model(xc[cb].to(dev)), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+
+    def _identify(self, confused, scope, xd, yd, chunklet, k, dev) -> Tensor:
+        feats = Scope.penultimate(confused, xd, dev).double().numpy()
+        pred = _outputs(confused, xd, dev).argmax(1)
+        own = (pred == yd).numpy()
+        in_chunk = np.zeros(len(yd), dtype=bool)
+        in_chunk[chunklet.numpy()] = True
+        ratios = np.ones(k)
+        with host_blas():
+            for c in range(k):
+                idx = np.nonzero(yd.numpy() == c)[0]
+                if len(idx) < 3:
+                    continue
+                f = feats[idx] - feats[idx].mean(0)
+                _, _, vt = np.linalg.svd(f, full_matrices=False)
+                proj = f @ vt[:2].T
+                ratios[c] = likelihood_ratio(proj, in_chunk[idx], own[idx])
+        top = int(np.argmax(ratios))
+        flagged = [
+            c
+            for c in range(k)
+            if (c == top and ratios[c] > self.max_ratio_threshold) or ratios[c] > self.ratio_threshold
+        ]
+        self.diagnostics["ct/likelihood_ratio"] = [round(float(v), 4) for v in ratios]
+        self.diagnostics["ct/flagged_classes"] = flagged
+        return torch.from_numpy(own) & torch.isin(yd, torch.tensor(flagged, dtype=torch.long))
