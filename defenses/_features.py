@@ -64,17 +64,12 @@ class Scope:
         """What enters the scope for other images (e.g. the clean reserve), memoised the same way."""
         return memo_forward(self.encoder, x, ctx, stop=self.start)
 
-    def module(self, num_classes: int, ctx: RunContext, pretrained: bool = True) -> nn.Module:
-        """A fresh trainable module on `ctx.device`: a new head (standardised on the training features), and
-        the top stages as pre-trained (or re-initialised when `pretrained` is False)."""
+    def module(self, num_classes: int, ctx: RunContext) -> nn.Module:
+        """A fresh trainable module on `ctx.device`: a new head (standardised on the training features) on the
+        received encoder's top stages (a copy; the encoder itself is not touched)."""
         if self.start is None:
             return make_head(self.head_kind, self.inputs, num_classes, self.hidden).to(ctx.device)
         enc = trainable_copy(self.encoder)
-        if not pretrained:
-            for stage in enc.stages[self.start :]:
-                for m in stage.modules():
-                    if hasattr(m, "reset_parameters"):
-                        m.reset_parameters()
         with torch.no_grad():
             enc.eval().to(ctx.device)
             f = batched_forward(lambda h: enc.forward_from(h, self.start), self.inputs, ctx.device)
