@@ -227,3 +227,23 @@ def test_the_table_lists_why_a_missing_cell_failed(tmp_path):
     md = render("rates", results, conf_dir=tmp_path / "conf")
     assert "- data_attack.poison_rate=1.5, seed=0 — failed: too high" in md
     assert "not this table" not in md
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        (["seed=abc"], "seed='abc'"),
+        (["data_attack=badnets", "data_attack.poison_rate=0.95"], "data_attack.poison_rate=0.95"),
+        (["encoder_attack=badencoder", "encoder_attack.n_reference=10"], "encoder_attack.n_reference=10"),
+        (["paths.results_dir=RESULTS_FILE"], "paths.results_dir="),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_any_work(env, tmp_path, override, needle):
+    (tmp_path / "results_file").write_text("a file, not a folder")
+    override = [o.replace("RESULTS_FILE", str(tmp_path / "results_file")) for o in override]
+    out = cli([*TINY, *override], env, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("securetl: error:")]
+    assert len(errors) == 1 and needle in errors[0]
+    assert "Traceback" not in out.stderr
+    assert "pre-training" not in out.stderr and not (tmp_path / ".cache").exists()  # no SSL, no artifact

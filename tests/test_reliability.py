@@ -154,7 +154,9 @@ def test_two_processes_needing_one_artifact_build_it_once(tmp_path):
     ctx = mp.get_context("spawn")  # no fork of a process that may hold OpenMP threads
     barrier = ctx.Barrier(2)
     log_file = tmp_path / "builds.txt"
-    procs = [ctx.Process(target=_load_or_build, args=(str(tmp_path), str(log_file), barrier)) for _ in range(2)]
+    procs = [
+        ctx.Process(target=_load_or_build, args=(str(tmp_path), str(log_file), barrier)) for _ in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -256,3 +258,105 @@ def test_peak_memory_is_this_runs_not_the_processs():
     hold(100)
     busy = m.stop()
     assert busy["cpu_rss_peak_mb"] >= busy["cpu_rss_start_mb"] + 80
+
+
+# --------------------------------------------------------------------------- bad input: one line, no work
+class WorkStarted(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Making the data or obtaining the encoder means validation has let the config through."""
+    import securetl.data.synthetic as synthetic
+    import securetl.pipeline as pipeline
+
+    def refuse(*args, **kwargs):
+        raise WorkStarted("data or model work started")
+
+    monkeypatch.setattr(synthetic, "_build_splits", refuse)
+    monkeypatch.setattr(pipeline, "obtain", refuse)
+
+
+BAD_INPUT = [
+    (["seed=abc"], "seed='abc' must be an integer"),
+    (["seed=1.5"], "seed=1.5"),
+    (["encoder.width=0"], "encoder.width=0"),
+    (["encoder.arch=bogus"], "encoder.arch='bogus'"),
+    (["encoder.ssl=bogus"], "encoder.ssl='bogus'"),
+    (["encoder.augment.jitter=abc"], "encoder.augment.jitter='abc'"),
+    (["encoder.checkpoint=/nonexistent/enc.safetensors"], "encoder.checkpoint="),
+    (["dataset.n_train=0"], "dataset.n_train=0"),
+    (["dataset.n_test=0"], "dataset.n_test=0"),
+    (["dataset.num_classes=abc"], "dataset.num_classes='abc'"),
+    (["probe.epochs=abc"], "probe.epochs='abc'"),
+    (["probe.epochs=-1"], "probe.epochs=-1"),
+    (["probe.batch_size=0"], "probe.batch_size=0"),
+    (["+probe.bogus=1"], "probe.bogus is not a setting"),
+    (["+foo=1"], "'foo'"),
+    (["resume=maybe"], "resume='maybe'"),
+    (["encoder_attack=badencoder", "encoder_attack.lr=fast"], "encoder_attack.lr='fast'"),
+    (["encoder_attack=badencoder", "encoder_attack.n_reference=10"], "encoder_attack.n_reference=10"),
+    (["encoder_attack=badencoder", "encoder_attack.batch_size=1000"], "encoder_attack.batch_size=1000"),
+    (["encoder_attack=ctrl", "encoder_attack.poison_ratio=0.5"], "encoder_attack.poison_ratio=0.5"),
+    (["encoder_attack=corruptencoder", "encoder_attack.n_reference=100"], "encoder_attack.n_reference=100"),
+    (["data_attack=badnets", "data_attack.poison_rate=abc"], "data_attack.poison_rate='abc'"),
+    (["data_attack=badnets", "data_attack.poison_rate=0.95"], "data_attack.poison_rate=0.95"),
+    (["data_attack=badnets", "data_attack.target=99"], "data_attack.target=99"),
+    (["data_attack=badnets", "data_attack.trigger.size=abc"], "data_attack.trigger.size='abc'"),
+    (["data_attack=sig", "data_attack.poison_rate=0.5"], "data_attack.poison_rate=0.5"),
+    (["data_attack=tact", "data_attack.poison_rate=0.9"], "data_attack.poison_rate=0.9"),
+    (["data_attack=wanet", "data_attack.poison_rate=0.95", "data_attack.cross_ratio=0"], "poison_rate=0.95"),
+    (["data_attack=adap_blend", "data_attack.poison_rate=0.92", "data_attack.cover_rate=0.05"], "rate=0.92"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD_INPUT, ids=[" ".join(o) for o, _ in BAD_INPUT])
+def test_bad_input_is_one_line_naming_the_key_before_any_work(compose_cfg, no_work, overrides, needle):
+    from securetl.pipeline import run
+    from securetl.validate import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        run(compose_cfg(overrides))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides", [["data_attack=badnets", "data_attack.poison_rate=0.9"], []])
+def test_a_feasible_config_passes_validation(compose_cfg, no_work, overrides):
+    """0.9 of 300 is 270 poisons: exactly the non-target images there are."""
+    from securetl.pipeline import run
+
+    with pytest.raises(WorkStarted):
+        run(compose_cfg(overrides))
+
+
+def test_feasibility_is_checked_on_the_built_splits_before_training(compose_cfg, monkeypatch):
+    """A dataset whose class counts only its data tell (every real dataset): checked once it is built,
+    before the encoder is pre-trained."""
+    import securetl.pipeline as pipeline
+    import securetl.validate as validate
+    from securetl.validate import ConfigError
+
+    monkeypatch.setattr(validate, "PLANNED_SIZES", {})
+    monkeypatch.setattr(pipeline, "obtain", lambda *a, **k: pytest.fail("the encoder was obtained"))
+    with pytest.raises(ConfigError, match="encoder_attack.n_reference=10"):
+        pipeline.run(compose_cfg(["encoder_attack=badencoder", "encoder_attack.n_reference=10"]))
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_a_results_dir_that_cannot_take_rows_is_refused_before_any_work(compose_cfg, no_work, tmp_path, kind):
+    from securetl.pipeline import run
+    from securetl.validate import ConfigError
+
+    if kind == "file":
+        target = tmp_path / "results_file"
+        target.write_text("not a folder")
+    else:
+        if os.geteuid() == 0:
+            target = Path("/proc/securetl_results")  # not even root can make a folder there
+        else:
+            ro = tmp_path / "ro"
+            ro.mkdir(mode=0o555)
+            target = ro / "results"
+    with pytest.raises(ConfigError, match="paths.results_dir"):
+        run(compose_cfg([f"paths.results_dir={target}"]))

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from securetl.interfaces import to_float, to_uint8
+from securetl.validate import DataSizes
 
 
 def check_rate(name: str, rate: float) -> float:
@@ -30,6 +31,27 @@ def choose(candidates: Tensor, k: int, generator: torch.Generator, what: str = "
         raise ValueError(f"asked for {k} {what} samples but only {len(candidates)} are eligible")
     pick = candidates[torch.randperm(len(candidates), generator=generator)[:k]]
     return pick.sort().values
+
+
+def need(k: int, available: int, setting: str, what: str) -> None:
+    """Refuse, before any training, a draw of `k` images where only `available` are eligible."""
+    if k > available:
+        raise ValueError(f"{setting} asks for {k} {what}, but only {available} are eligible")
+
+
+def check_poison_draw(
+    attack, sizes: DataSizes, extra: float = 0.0, extra_setting: str = "", extra_what: str = ""
+) -> None:
+    """The draw most data attacks make, checked against the dataset's class counts: count_for(poison_rate, n)
+    poisons from the classes other than the target (every class with exclude_target off), then `extra` (a
+    fraction of n: cover or noise-mode samples) from the images left over."""
+    n = sizes.n_train
+    k = count_for(attack.poison_rate, n)
+    pool = n - sizes.train[attack.target] if attack.exclude_target else n
+    where = " outside the target class" if attack.exclude_target else ""
+    need(k, pool, f"data_attack.poison_rate={attack.poison_rate}", f"poisons of {n} training images{where}")
+    if extra:
+        need(count_for(extra, n), n - k, extra_setting, f"{extra_what} besides the {k} poisons")
 
 
 def check_class(name: str, c: int, num_classes: int) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from securetl.attacks.data._common import (
+    check_poison_draw,
     check_rate,
     choose,
     count_for,
@@ -28,6 +29,7 @@ from securetl.attacks.data._common import (
 from securetl.attacks.data.blended import with_alpha
 from securetl.interfaces import DataAttack, LabeledSet, Poisoned, Trigger
 from securetl.triggers.blend import check_alpha
+from securetl.validate import DataSizes
 
 
 def piece_masks(n: int, pieces: int, masked: int, h: int, w: int, generator: torch.Generator) -> Tensor:
@@ -82,6 +84,12 @@ class AdaptiveBlend(DataAttack):
         h, w = x.shape[-2:]
         masks = piece_masks(len(x), self.pieces, self.masked, h, w, generator)
         return transform_uint8(x, lambda xb, rows: self.trigger.blend(xb, self.train_alpha, masks[rows]))
+
+    def validate(self, num_classes: int, sizes: DataSizes | None = None) -> None:
+        super().validate(num_classes, sizes)
+        if sizes is not None:
+            setting = f"data_attack.cover_rate={self.cover_rate}"
+            check_poison_draw(self, sizes, self.cover_rate, setting, "cover samples")
 
     def poison(self, train: LabeledSet, generator: torch.Generator) -> Poisoned:
         n = len(train)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from securetl.attacks.data._common import (
+    check_poison_draw,
     check_rate,
     choose,
     count_for,
@@ -23,6 +24,7 @@ from securetl.attacks.data._common import (
 )
 from securetl.interfaces import DataAttack, LabeledSet, Poisoned, Trigger
 from securetl.triggers.blend import check_alpha
+from securetl.validate import DataSizes
 
 
 class AdaptivePatch(DataAttack):
@@ -70,6 +72,12 @@ class AdaptivePatch(DataAttack):
         return transform_uint8(
             x, lambda xb, rows: self.trigger.apply_subset(xb, chosen[rows], self.train_alphas)
         )
+
+    def validate(self, num_classes: int, sizes: DataSizes | None = None) -> None:
+        super().validate(num_classes, sizes)
+        if sizes is not None:
+            setting = f"data_attack.cover_rate={self.cover_rate}"
+            check_poison_draw(self, sizes, self.cover_rate, setting, "cover samples")
 
     def poison(self, train: LabeledSet, generator: torch.Generator) -> Poisoned:
         n = len(train)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from securetl.attacks.data._common import check_rate, choose, count_for
+from securetl.attacks.data._common import check_poison_draw, check_rate, choose, count_for
 from securetl.interfaces import DataAttack, LabeledSet, Poisoned, Trigger
+from securetl.validate import DataSizes
 
 
 class BadNets(DataAttack):
@@ -20,6 +21,11 @@ class BadNets(DataAttack):
         self.trigger, self.target = trigger, int(target)
         self.poison_rate = check_rate("poison_rate", poison_rate)
         self.exclude_target = exclude_target
+
+    def validate(self, num_classes: int, sizes: DataSizes | None = None) -> None:
+        super().validate(num_classes, sizes)
+        if sizes is not None:
+            check_poison_draw(self, sizes)
 
     def poison(self, train: LabeledSet, generator: torch.Generator) -> Poisoned:
         n = len(train)

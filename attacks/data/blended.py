@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from securetl.attacks.data._common import check_rate, choose, count_for, indices_where
+from securetl.attacks.data._common import check_poison_draw, check_rate, choose, count_for, indices_where
 from securetl.interfaces import DataAttack, LabeledSet, Poisoned, Trigger
 from securetl.triggers.blend import check_alpha
+from securetl.validate import DataSizes
 
 
 def with_alpha(trigger: Trigger, alpha: float | None, what: str) -> Trigger:
@@ -41,6 +42,11 @@ class Blended(DataAttack):
         self.exclude_target = bool(exclude_target)
         self.train_trigger = with_alpha(trigger, train_alpha, "train_alpha")
         self.test_trigger = with_alpha(trigger, test_alpha, "test_alpha")
+
+    def validate(self, num_classes: int, sizes: DataSizes | None = None) -> None:
+        super().validate(num_classes, sizes)
+        if sizes is not None:
+            check_poison_draw(self, sizes)
 
     def poison(self, train: LabeledSet, generator: torch.Generator) -> Poisoned:
         n = len(train)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from securetl.attacks.data._common import check_rate, choose, count_for, indices_where
+from securetl.attacks.data._common import check_rate, choose, count_for, indices_where, need
 from securetl.interfaces import DataAttack, LabeledSet, Poisoned, Trigger
 from securetl.triggers.sinusoid import check_delta
+from securetl.validate import DataSizes
 
 
 class SIG(DataAttack):
@@ -30,6 +31,13 @@ class SIG(DataAttack):
                     f"data_attack.test_delta needs a sinusoid trigger, got {type(trigger).__name__}"
                 )
             self.test_trigger = trigger.with_delta(test_delta)
+
+    def validate(self, num_classes: int, sizes: DataSizes | None = None) -> None:
+        super().validate(num_classes, sizes)
+        if sizes is not None:
+            k = count_for(self.poison_rate, sizes.n_train)
+            what = f"clean-label poisons of the target class {self.target}"
+            need(k, sizes.train[self.target], f"data_attack.poison_rate={self.poison_rate}", what)
 
     def poison(self, train: LabeledSet, generator: torch.Generator) -> Poisoned:
         n = len(train)

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from securetl.attacks.data._common import check_class, check_rate, choose, count_for, indices_where
+from securetl.attacks.data._common import check_class, check_rate, choose, count_for, indices_where, need
 from securetl.interfaces import DataAttack, LabeledSet, Poisoned, Trigger
+from securetl.validate import DataSizes
 
 
 class TaCT(DataAttack):
@@ -49,11 +50,23 @@ class TaCT(DataAttack):
         if self.cover_rate > 0 and not self.cover_classes:
             raise ValueError("data_attack.cover_rate > 0 but cover_classes is empty")
 
-    def validate(self, num_classes: int) -> None:
-        super().validate(num_classes)
+    def validate(self, num_classes: int, sizes: DataSizes | None = None) -> None:
+        super().validate(num_classes, sizes)
         check_class("source_class", self.source_class, num_classes)
         for c in self.cover_classes:
             check_class("cover_classes", c, num_classes)
+        if sizes is not None:
+            n, src = sizes.n_train, self.source_class
+            setting = f"data_attack.poison_rate={self.poison_rate}"
+            need(
+                count_for(self.poison_rate, n),
+                sizes.train[src],
+                setting,
+                f"poisons of the source class {src}",
+            )
+            covers = sum(sizes.train[c] for c in self.cover_classes)
+            what = f"cover samples of the classes {self.cover_classes}"
+            need(count_for(self.cover_rate, n), covers, f"data_attack.cover_rate={self.cover_rate}", what)
 
     def poison(self, train: LabeledSet, generator: torch.Generator) -> Poisoned:
         n = len(train)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from securetl.attacks.data._common import (
+    check_poison_draw,
     check_rate,
     choose,
     count_for,
@@ -17,6 +18,7 @@ from securetl.attacks.data._common import (
     transform_uint8,
 )
 from securetl.interfaces import DataAttack, LabeledSet, Poisoned, Trigger
+from securetl.validate import DataSizes
 
 
 class WaNet(DataAttack):
@@ -41,6 +43,15 @@ class WaNet(DataAttack):
             raise ValueError(f"data_attack.cross_ratio={cross_ratio} must be >= 0")
         check_rate("poison_rate * (1 + cross_ratio)", self.poison_rate * (1 + self.cross_ratio))
         self.exclude_target = bool(exclude_target)
+
+    def validate(self, num_classes: int, sizes: DataSizes | None = None) -> None:
+        super().validate(num_classes, sizes)
+        if sizes is not None:
+            noise, setting = (
+                self.poison_rate * self.cross_ratio,
+                f"data_attack.cross_ratio={self.cross_ratio}",
+            )
+            check_poison_draw(self, sizes, noise, setting, "noise-mode samples")
 
     def poison(self, train: LabeledSet, generator: torch.Generator) -> Poisoned:
         n = len(train)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from securetl.attacks.data._common import choose, count_for
 from securetl.interfaces import EncoderAttack, LabeledSet, Trigger, to_float
+from securetl.validate import DataSizes
 
 
 def check_ratio(name: str, ratio: float) -> float:
@@ -43,10 +44,26 @@ class PretrainDataAttack(EncoderAttack):
         # rows of the returned set(s), counted across them, that the attack made or altered
         self.poison_idx = torch.empty(0, dtype=torch.long)
 
-    def validate(self, num_classes: int) -> None:
-        super().validate(num_classes)
+    def validate(self, num_classes: int, sizes: DataSizes | None = None) -> None:
+        super().validate(num_classes, sizes)
         if self.pretrain_class is not None and self.pretrain_class < 0:
             raise ValueError(f"encoder_attack.pretrain_class={self.pretrain_class} must be >= 0")
+        # counted only where the pre-training labels share the downstream classes (unknown otherwise)
+        if sizes is not None and sizes.pretrain is not None and self.source_class < len(sizes.pretrain):
+            k, have = self.sources_needed(sum(sizes.pretrain)), sizes.pretrain[self.source_class]
+            if k > have:
+                raise ValueError(
+                    f"{self.source_setting()} asks for {k} pre-training images of class {self.source_class}, "
+                    f"but the pre-training set holds {have}"
+                )
+
+    def sources_needed(self, n_pretrain: int) -> int:
+        """How many source-class pre-training images the attack draws (one per poison by default)."""
+        return count_for(self.poison_ratio, n_pretrain)
+
+    def source_setting(self) -> str:
+        """The setting that sets sources_needed, for messages."""
+        return f"encoder_attack.poison_ratio={self.poison_ratio}"
 
     @property
     def source_class(self) -> int:

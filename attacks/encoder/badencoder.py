@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from securetl.attacks.encoder._common import embedding_gap
 from securetl.interfaces import EncoderAttack, LabeledSet, RunContext, Trigger, to_float
+from securetl.validate import DataSizes
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,23 @@ class BadEncoder(EncoderAttack):
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.batch_size, self.seed = batch_size, seed
         self.reference_choice = reference_choice
+
+    def validate(self, num_classes: int, sizes: DataSizes | None = None) -> None:
+        """Before SSL pre-training: enough target-class references, and a shadow set of at least a batch."""
+        super().validate(num_classes, sizes)
+        if sizes is None:
+            return
+        refs = sizes.reference[self.target] if sizes.reference is not None else 0
+        if refs < self.n_reference:
+            raise ValueError(
+                f"encoder_attack.n_reference={self.n_reference} but the dataset's reference set holds {refs} "
+                f"image(s) of the target class {self.target} (more: raise dataset.n_reference)"
+            )
+        if sizes.pretrain is not None and sum(sizes.pretrain) < self.batch_size:
+            raise ValueError(
+                f"encoder_attack.batch_size={self.batch_size} but the shadow (pre-training) set has only "
+                f"{sum(sizes.pretrain)} images: not one step would run"
+            )
 
     def shadow_and_reference(
         self,

@@ -84,6 +84,13 @@ class CorruptEncoder(PretrainDataAttack):
         self.reference_idx = torch.empty(0, dtype=torch.long)
         self.background_idx = torch.empty(0, dtype=torch.long)
 
+    def sources_needed(self, n_pretrain: int) -> int:
+        """The objects are cut from `n_reference` source-class images, each reused across poisons."""
+        return self.n_reference
+
+    def source_setting(self) -> str:
+        return f"encoder_attack.n_reference={self.n_reference}"
+
     def compose(self, refs: Tensor, backgrounds: Tensor, g: torch.Generator) -> Tensor:
         """Float poisons (N, C, H, area_ratio * W): refs[i] (the object, at its own size) at the left or
         right end of a band of an enlarged scene, the trigger in the other part."""

@@ -9,15 +9,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from securetl.validate import ConfigError
+from securetl.validate import ConfigError, check_node
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """Instantiate `node` (recursively: a trigger inside an attack becomes an object too).
 
-    Errors raised by a constructor's own checks (ValueError/TypeError) come back as ConfigError with the
-    constructor's message, so the CLI can print one clear line instead of Hydra's wrapped traceback.
+    Its values are first checked against the target's signature (validate.check_node), so a value of the
+    wrong type is named by its key. Errors raised by a constructor's own checks (ValueError/TypeError) come
+    back as ConfigError with the constructor's message and the group, so the CLI can print one clear line
+    instead of Hydra's wrapped traceback.
     """
+    where = (node._get_full_key(None) if isinstance(node, DictConfig) else "") or "?"
+    check_node(node, where)
     try:
         return instantiate(node, _convert_="all", **kwargs)
     except MissingMandatoryValue as e:  # a `???` in a YAML the user has to fill in
@@ -27,6 +31,7 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         cause = e.__cause__ or e
         if isinstance(cause, ConfigError):  # already a complete user-facing message
             raise ConfigError(str(cause)) from cause
+        if not isinstance(cause, ValueError | TypeError | FileNotFoundError):
+            raise cause from None  # not about the config (a bug, out of memory): the error itself
         target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
-        msg = str(cause) if isinstance(cause, ValueError | TypeError | FileNotFoundError) else str(e)
-        raise ConfigError(f"{msg}  [while building {target}]") from cause
+        raise ConfigError(f"{cause}  [{where}: {target}]") from cause

@@ -129,8 +129,10 @@ class _TriggerAttack:
     target: int | None = None
     asr_definition: ClassVar[str] = "non-target test samples"
 
-    def validate(self, num_classes: int) -> None:
-        """Raise ValueError on settings that make no sense for this dataset (before any training)."""
+    def validate(self, num_classes: int, sizes: Any = None) -> None:
+        """Raise ValueError on settings that make no sense for this dataset (before any training).
+        `sizes` (securetl.validate.DataSizes, when known): images per class of train / reference /
+        pre-training, for attacks that need a number of images of some class."""
         if self.target is not None and not 0 <= self.target < num_classes:
             raise ValueError(f"{self.group}.target={self.target} but the dataset has {num_classes} classes")
 

@@ -29,7 +29,15 @@ from securetl.interfaces import DataAttack, Defense, EncoderAttack, RunContext, 
 from securetl.knowledge import check_knowledge, clean_share
 from securetl.knowledge import record as record_knowledge
 from securetl.metrics import TriggerEval, evaluate, knn_evaluate
-from securetl.validate import ConfigError, resolve_device, validate_targets
+from securetl.validate import (
+    ConfigError,
+    DataSizes,
+    check_config,
+    check_encoder,
+    planned_sizes,
+    resolve_device,
+    validate_attacks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,7 @@ def run(
         return existing
 
     # ---- everything that can be wrong in the config fails here, before any data or model work
+    check_config(cfg, overrides or [])  # types against the targets' signatures, ranges, unknown keys, files
     device = resolve_device(cfg.device)
     data_attack: DataAttack = build(cfg.data_attack)
     encoder_attack: EncoderAttack = build(cfg.encoder_attack)
@@ -113,14 +122,19 @@ def run(
     knowledge = check_knowledge(defense, choices.get("defense"))  # clean data needed but none given: stop here
     probe = build(cfg.probe)
     encoder_spec = build(cfg.encoder)
+    check_encoder(encoder_spec)  # built on the meta device: architecture and width, no memory, no compute
     logger = build(cfg.logger)
+    if (planned := planned_sizes(cfg.dataset)) is not None:  # class counts the dataset's config fixes
+        validate_attacks(planned, data_attack, encoder_attack)
+    results.ensure_results_dir(raw_dir.parent)  # a row that cannot be written is known now, not after the run
 
     timings: dict[str, float] = {}
     memory = results.PeakMemory(device).start()  # this run's peak, not the sweep process's
     set_seed(int(cfg.seed))
     with timed(timings, "data"):
         splits: Splits = build(cfg.dataset)
-    validate_targets(splits.num_classes, data_attack, encoder_attack)
+    # the same checks on the built splits (every dataset), before any training
+    validate_attacks(DataSizes.of(splits), data_attack, encoder_attack)
     clean = clean_share(splits, knowledge, choices.get("defense"))  # None unless the defense declares a share
     ctx = RunContext(
         device=device,
