@@ -247,3 +247,10 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(env, tmp_path, overrid
     assert len(errors) == 1 and needle in errors[0]
     assert "Traceback" not in out.stderr
     assert "pre-training" not in out.stderr and not (tmp_path / ".cache").exists()  # no SSL, no artifact
+
+
+def test_a_sweep_into_a_results_dir_that_is_a_file_stops_before_its_first_cell(env, tmp_path):
+    (tmp_path / "f").write_text("a file")
+    out = cli(["-m", *TINY, "data_attack=none,badnets", f"paths.results_dir={tmp_path / 'f'}"], env)
+    assert out.returncode == 2 and "securetl: error: paths.results_dir=" in out.stderr
+    assert "Launching" not in out.stdout + out.stderr and not (tmp_path / ".cache").exists()
