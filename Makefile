@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export SECURETL_CACHE_DIR ?= $(CURDIR)/.cache/securetl
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint format bench data-check clean
+.PHONY: help install demo test test-all test-gpu lint format bench data-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: $(STAMP)  ## run the test suite (what CI runs)
 test-all: $(STAMP)  ## run every test, including the slow ones
 	$(BIN)/python -m pytest -m ""
 
+test-gpu: $(STAMP)  ## the CUDA tests (needs a GPU; the rest of the suite also runs there with device=auto)
+	$(BIN)/python -m pytest -m gpu
+
 lint: $(STAMP)  ## ruff lint + format check
 	$(BIN)/ruff check src attacks defenses scripts tests
 	$(BIN)/ruff format --check src attacks defenses scripts tests
@@ -38,7 +41,7 @@ format: $(STAMP)  ## apply ruff format and fixes
 	$(BIN)/ruff format src attacks defenses scripts tests
 	$(BIN)/ruff check --fix src attacks defenses scripts tests
 
-bench: $(STAMP)  ## speed benchmarks (ratios, measured in one process)
+bench: $(STAMP)  ## speed ratios vs bare torch loops, one RATIO line each (on CUDA when present)
 	$(BIN)/python scripts/bench.py
 
 data-check: $(STAMP)  ## report which real datasets are in $$SECURETL_DATA_DIR (default ./data) and their layouts

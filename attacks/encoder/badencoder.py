@@ -148,48 +148,52 @@ class BadEncoder(EncoderAttack):
             )
         torch.manual_seed(self.seed)
         g = torch.Generator().manual_seed(self.seed + 1)
-        shadow_x, ref_x = self.shadow_and_reference(shadow, reference, encoder.to(ctx.device), ctx.device)
-        clean = copy.deepcopy(encoder).eval().to(ctx.device)
+        num = ctx.num
+        shadow_x, ref_x = self.shadow_and_reference(shadow, reference, num.module(encoder), ctx.device)
+        shadow_x = num.resident(shadow_x)  # the attacker's images on the device once
+        clean = num.module(copy.deepcopy(encoder).eval())
         for p in clean.parameters():
             p.requires_grad_(False)
-        bad = encoder.to(ctx.device)
+        bad = num.module(encoder)
         opt = torch.optim.SGD(
             bad.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
-        ref = to_float(ref_x).to(ctx.device)
-        with torch.no_grad():
-            ref_clean = clean(ref)
+        ref = num.batch(ref_x)
+        with torch.no_grad(), num.autocast():
+            ref_clean = clean(ref).float()
         return g, shadow_x, clean, bad, opt, ref, ref_clean
 
     def implant(
         self, encoder: nn.Module, shadow: LabeledSet, ctx: RunContext, reference: LabeledSet | None = None
     ) -> nn.Module:
         g, shadow_x, clean, bad, opt, ref, ref_clean = self._setup(encoder, shadow, reference, ctx)
+        num = ctx.num
         n, bs = len(shadow_x), self.batch_size
         bar = tqdm(range(self.epochs), desc="BadEncoder", disable=not ctx.progress, leave=False)
         for _ in bar:
             freeze_bn_stats(bad)
-            perm = torch.randperm(n, generator=g)
-            tot = 0.0
+            perm = num.put(torch.randperm(n, generator=g))
+            tot = torch.zeros((), dtype=torch.float64, device=ctx.device)  # read once per epoch
             for s in range(0, n - bs + 1, bs):
-                x = to_float(shadow_x[perm[s : s + bs]]).to(ctx.device)
+                x = num.batch(shadow_x[perm[s : s + bs]])
                 xt = self.trigger.apply(x)
-                with torch.no_grad():
-                    f_clean_before = clean(x)
-                f_clean, f_bd, f_ref = bad(x), bad(xt), bad(ref)
-                utility = -cos(f_clean, f_clean_before).mean()
-                # every triggered input is pulled towards every reference embedding
-                effect = -cos(f_bd.unsqueeze(1), f_ref.unsqueeze(0)).mean()
-                keep_ref = -cos(f_ref, ref_clean).mean()
-                loss = utility + self.lambda1 * effect + self.lambda2 * keep_ref
+                with num.autocast():
+                    with torch.no_grad():
+                        f_clean_before = clean(x)
+                    f_clean, f_bd, f_ref = bad(x), bad(xt), bad(ref)
+                    utility = -cos(f_clean, f_clean_before).mean()
+                    # every triggered input is pulled towards every reference embedding
+                    effect = -cos(f_bd.unsqueeze(1), f_ref.unsqueeze(0)).mean()
+                    keep_ref = -cos(f_ref, ref_clean).mean()
+                    loss = utility + self.lambda1 * effect + self.lambda2 * keep_ref
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tot += loss.item()
-            bar.set_postfix(loss=f"{tot / max(1, n // bs):.3f}")
+                tot += loss.detach()
+            bar.set_postfix(loss=f"{float(tot) / max(1, n // bs):.3f}")
         bad.eval()
         with torch.no_grad():
-            x = to_float(shadow_x[:256]).to(ctx.device)
+            x = num.batch(shadow_x[:256])
             ctx.diagnostics["badencoder/shadow_bd_ref_cos"] = (
                 cos(bad(self.trigger.apply(x)), bad(ref).mean(0, keepdim=True)).mean().item()
             )

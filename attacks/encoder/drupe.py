@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from securetl.attacks.encoder._common import embedding_gap, offdiag_mean_cos, sliced_wasserstein
 from securetl.attacks.encoder.badencoder import BadEncoder, cos, freeze_bn_stats
-from securetl.interfaces import LabeledSet, RunContext, Trigger, to_float
+from securetl.interfaces import LabeledSet, RunContext, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,19 @@ class DRUPE(BadEncoder):
         self.n_projections = n_projections
 
     def terms(
-        self, bad: nn.Module, clean_x: Tensor, x: Tensor, ref: Tensor, ref_clean: Tensor, g: torch.Generator
+        self,
+        bad: nn.Module,
+        clean_x: Tensor,
+        x: Tensor,
+        ref: Tensor,
+        ref_clean: Tensor,
+        g: torch.Generator,
+        xt: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Every loss term for one batch (lower is better for all of them)."""
-        f_clean, f_bd, f_ref = bad(x), bad(self.trigger.apply(x)), bad(ref)
+        """Every loss term for one batch (lower is better for all of them); `xt`: x with the trigger, if the
+        caller applied it already (outside autocast: a trigger is always computed in fp32)."""
+        xt = self.trigger.apply(x) if xt is None else xt
+        f_clean, f_bd, f_ref = bad(x), bad(xt), bad(ref)
         sim = cos(f_bd.unsqueeze(1), f_ref.unsqueeze(0))  # (B, R): triggered input vs each reference
         shares = sim.mean(0)
         return {
@@ -158,22 +167,24 @@ class DRUPE(BadEncoder):
         w = {"concentration": self.concentration_weight, "distribution": self.distribution_weight}
         for epoch in bar:
             freeze_bn_stats(bad)
-            perm = torch.randperm(n, generator=g)
-            sums: dict[str, float] = {}
+            perm = ctx.num.put(torch.randperm(n, generator=g))
+            sums: dict[str, torch.Tensor] = {}  # on the device, read once per epoch
             steps = 0
             for s in range(0, n - bs + 1, bs):
-                x = to_float(shadow_x[perm[s : s + bs]]).to(ctx.device)
-                with torch.no_grad():
-                    clean_x = clean(x)
-                t = self.terms(bad, clean_x, x, ref, ref_clean, g_proj)
-                loss = self.combine(t, epoch, w)
+                x = ctx.num.batch(shadow_x[perm[s : s + bs]])
+                xt = self.trigger.apply(x)
+                with ctx.num.autocast():
+                    with torch.no_grad():
+                        clean_x = clean(x)
+                    t = self.terms(bad, clean_x, x, ref, ref_clean, g_proj, xt)
+                    loss = self.combine(t, epoch, w)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 for k, v in t.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    sums[k] = sums.get(k, 0.0) + v.detach().double()
                 steps += 1
-            means = {k: v / max(1, steps) for k, v in sums.items()}
+            means = {k: float(v) / max(1, steps) for k, v in sums.items()}
             log.debug("DRUPE epoch %d: %s, weights %s", epoch, {k: round(v, 4) for k, v in means.items()}, w)
             if epoch > self.adapt_after:
                 self.adapt(means, w)
@@ -184,7 +195,7 @@ class DRUPE(BadEncoder):
             )
         bad.eval()
         with torch.no_grad():
-            x = to_float(shadow_x[:256]).to(ctx.device)
+            x = ctx.num.batch(shadow_x[:256])
             d = ctx.diagnostics
             d["drupe/shadow_bd_ref_cos"] = (
                 cos(bad(self.trigger.apply(x)).unsqueeze(1), bad(ref).unsqueeze(0))

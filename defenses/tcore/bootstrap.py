@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from securetl.numerics import Numerics, take
+
 from .channels import MaskedBN, Tail
 
 
@@ -50,8 +52,11 @@ class Trainer:
         batch_size: int,
         weight_decay: float = 5e-4,
         chi_lr_scale: float = 0.0,
+        num: Numerics | None = None,
     ):
-        """chi_lr_scale: how far trusted channels move per step relative to psi (0 = frozen, as in the paper)."""
+        """chi_lr_scale: how far trusted channels move per step relative to psi (0 = frozen, as in the paper).
+        num: device and precision (default: the policy of the activations' device)."""
+        self.num = num
         self.grad_masks, self.lr, self.batch_size, self.weight_decay = (
             grad_masks,
             lr,
@@ -71,6 +76,8 @@ class Trainer:
         cosine: bool = False,
     ) -> None:
         """`cosine`: the learning rate decays to 0 over the epochs (the final training settles the weights)."""
+        num = self.num or Numerics.resolve(acts.device)
+        y = num.put(y)
         frozen_stats = self._trusted_stats(tail)
         params = list(tail.head.parameters())
         if train_stages:
@@ -81,12 +88,13 @@ class Trainer:
         n = len(y)
         tail.train()
         for _ in range(epochs):
-            perm = torch.randperm(n, generator=g)
+            perm = num.put(torch.randperm(n, generator=g))
             for s in range(0, n, self.batch_size):
                 b = perm[s : s + self.batch_size]
                 if len(b) < 2:
                     continue
-                loss = F.cross_entropy(tail(acts[b]), y[b])
+                with num.autocast():
+                    loss = F.cross_entropy(tail(acts[b]), y[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 # chi_lr_scale >= 1: trusted channels move like the rest, nothing to freeze or damp
@@ -116,7 +124,9 @@ class Trainer:
         for name, bn in tail.bns():
             trainable = self.grad_masks.get(f"{name}.weight")
             keep = (
-                (trainable == 0) if trainable is not None else torch.ones(bn.num_features, dtype=torch.bool)
+                (trainable == 0)
+                if trainable is not None
+                else torch.ones(bn.num_features, dtype=torch.bool, device=bn.weight.device)
             )
             out[name] = (
                 keep,
@@ -155,14 +165,19 @@ class Trainer:
 
 
 @torch.no_grad()
-def per_sample_loss(model: nn.Module, acts: Tensor, y: Tensor, batch: int = 1024) -> Tensor:
+def per_sample_loss(
+    model: nn.Module, acts: Tensor, y: Tensor, batch: int = 1024, num: Numerics | None = None
+) -> Tensor:
+    """Cross-entropy of every sample, on the host (selection happens there)."""
+    num = num or Numerics.resolve(acts.device)
     model.eval()
-    return torch.cat(
-        [
-            F.cross_entropy(model(acts[i : i + batch]), y[i : i + batch], reduction="none")
+    yd = num.put(y)
+    with num.autocast():
+        out = [
+            F.cross_entropy(model(acts[i : i + batch]).float(), yd[i : i + batch], reduction="none")
             for i in range(0, len(y), batch)
         ]
-    )
+    return torch.cat(out).cpu()
 
 
 def balanced_quotas(y: Tensor, rho: float) -> Tensor:
@@ -238,25 +253,25 @@ def bootstrap(
     pool[start_idx] = True
     steps: list[dict] = []
     kinds = ["loss"] * loss_guided_steps + ["meta"] * meta_guided_steps
-    trainer.train(tail, acts[pool], y[pool], epochs_per_step, g, train_stages)
+    trainer.train(tail, take(acts, pool), y[pool], epochs_per_step, g, train_stages)
     for i, kind in enumerate(kinds):
         have = int(pool.sum())
         if have >= target:
             break
         add = (target - have + (len(kinds) - i) - 1) // (len(kinds) - i)  # spread what is left evenly
         rest = torch.nonzero(~pool).squeeze(1)
-        loss1 = per_sample_loss(tail, acts[rest], y[rest])
+        loss1 = per_sample_loss(tail, take(acts, rest), y[rest], num=trainer.num)
         if kind == "loss":
             score = loss1  # lowest loss first
         else:
             temp = copy.deepcopy(tail)
             trainer.train(temp, acts, y, meta_epochs, g, train_stages)
-            loss2 = per_sample_loss(temp, acts[rest], y[rest])
+            loss2 = per_sample_loss(temp, take(acts, rest), y[rest], num=trainer.num)
             score = meta_scores(loss1, loss2, meta_score)
         pool[_pick(score, rest, y, pool, add, quotas, len(kinds) - i)] = True
         steps.append({"kind": kind, "pool": torch.nonzero(pool).squeeze(1)})
-        trainer.train(tail, acts[pool], y[pool], epochs_per_step, g, train_stages)
-    trainer.train(tail, acts[pool], y[pool], final_epochs, g, train_stages, cosine=final_cosine)
+        trainer.train(tail, take(acts, pool), y[pool], epochs_per_step, g, train_stages)
+    trainer.train(tail, take(acts, pool), y[pool], final_epochs, g, train_stages, cosine=final_cosine)
     return BootstrapResult(torch.nonzero(pool).squeeze(1), steps)
 
 

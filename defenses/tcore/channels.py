@@ -19,15 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from securetl.numerics import Numerics
+
 
 class MaskedBN(nn.BatchNorm2d):
     """BatchNorm2d whose affine output is scaled per channel by `mask` (fixed at 1 unless trained)."""
 
     @classmethod
     def from_bn(cls, bn: nn.BatchNorm2d) -> MaskedBN:
+        dev = bn.weight.device  # built where the BN it replaces lives
         m = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=True, track_running_stats=True)
-        m.load_state_dict(bn.state_dict())
-        m.mask = nn.Parameter(torch.ones(bn.num_features), requires_grad=False)
+        m.to(dev).load_state_dict(bn.state_dict())
+        m.mask = nn.Parameter(torch.ones(bn.num_features, device=dev), requires_grad=False)
         return m
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,6 +91,7 @@ def unmask(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         if isinstance(child, MaskedBN):
             bn = nn.BatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum)
+            bn.to(child.weight.device)
             with torch.no_grad():
                 bn.weight.copy_(child.weight * child.mask)
                 bn.bias.copy_(child.bias * child.mask)
@@ -101,12 +105,16 @@ def unmask(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def accuracy(tail: Tail, acts: Tensor, y: Tensor, batch: int = 1024) -> float:
+def accuracy(tail: Tail, acts: Tensor, y: Tensor, batch: int = 1024, num: Numerics | None = None) -> float:
+    num = num or Numerics.resolve(acts.device)
     tail.eval()
-    correct = sum(
-        int((tail(acts[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch)
-    )
-    return correct / max(1, len(y))
+    y = num.put(y)
+    with num.autocast():
+        correct = sum(
+            (tail(num.put(acts[i : i + batch])).argmax(1) == y[i : i + batch]).sum()
+            for i in range(0, len(y), batch)
+        )
+    return int(correct) / max(1, len(y))  # one host read
 
 
 def unlearn(
@@ -119,11 +127,13 @@ def unlearn(
     batch_size: int = 128,
     max_steps: int = 500,
     check_every: int = 1,
+    num: Numerics | None = None,
 ) -> dict:
     """Gradient ascent on the CE loss over D, normalisation parameters only, until acc(D) < threshold.
 
     Accuracy is checked after every step: with momentum, ten steps can carry it from above the threshold to
     half of it, and how far unlearning overshoots decides how many masks recovery pulls down."""
+    num = num or Numerics.resolve(acts.device)
     params = [p for _, m in tail.bns() for p in (m.weight, m.bias)]
     for p in tail.parameters():
         p.requires_grad_(False)
@@ -131,18 +141,20 @@ def unlearn(
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     n, steps = len(y), 0
-    probe_idx = torch.randperm(n, generator=g)[:512]
-    acc = accuracy(tail, acts[probe_idx], y[probe_idx])
+    y = num.put(y)
+    probe_idx = num.put(torch.randperm(n, generator=g)[:512])
+    acc = accuracy(tail, acts[probe_idx], y[probe_idx], num=num)
     tail.eval()  # running statistics stay those of the model being analysed
     while acc >= threshold and steps < max_steps:
-        b = torch.randint(0, n, (batch_size,), generator=g)
-        loss = -F.cross_entropy(tail(acts[b]), y[b])
+        b = num.put(torch.randint(0, n, (batch_size,), generator=g))
+        with num.autocast():
+            loss = -F.cross_entropy(tail(acts[b]), y[b])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         steps += 1
         if steps % check_every == 0:
-            acc = accuracy(tail, acts[probe_idx], y[probe_idx])
+            acc = accuracy(tail, acts[probe_idx], y[probe_idx], num=num)
     for name, p in tail.named_parameters():
         p.requires_grad_(not name.endswith(".mask"))
     return {"unlearn_steps": steps, "unlearn_acc": acc}
@@ -157,8 +169,11 @@ def recover_masks(
     lr: float = 0.1,
     l1: float = 1e-3,
     batch_size: int = 128,
+    num: Numerics | None = None,
 ) -> dict[str, Tensor]:
     """Learn per-channel masks (everything else frozen) that restore accuracy on the clean subset."""
+    num = num or Numerics.resolve(acts.device)
+    y = num.put(y)
     for p in tail.parameters():
         p.requires_grad_(False)
     masks = []
@@ -169,10 +184,11 @@ def recover_masks(
     tail.eval()
     n = len(y)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
+        perm = num.put(torch.randperm(n, generator=g))
         for s in range(0, n, batch_size):
             b = perm[s : s + batch_size]
-            loss = F.cross_entropy(tail(acts[b]), y[b]) + l1 * sum(m.abs().sum() for m in masks)
+            with num.autocast():
+                loss = F.cross_entropy(tail(acts[b]), y[b]) + l1 * sum(m.abs().sum() for m in masks)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -207,10 +223,11 @@ def reinit_untrusted(tail: Tail, untrusted: dict[str, Tensor], g: torch.Generato
             bn.mask.fill_(1.0)
             conv = convs.get(name)
             if conv is not None and bad.any():
-                fresh = torch.empty_like(conv.weight)
+                # drawn on the host generator in NCHW order (the same draws on every device), then moved
+                fresh = torch.empty(conv.weight.shape, dtype=conv.weight.dtype)
                 fan_out = fresh.shape[0] * fresh[0, 0].numel()
                 fresh.normal_(0, (2.0 / fan_out) ** 0.5, generator=g)
-                conv.weight[bad] = fresh[bad]
+                conv.weight[bad] = fresh.to(conv.weight.device)[bad]
             bn.weight[bad] = 1.0
             bn.bias[bad] = 0.0
             bn.running_mean[bad] = 0.0

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from securetl.numerics import Numerics
+
 
 def _mlp(d: int, hidden: int, c: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, c))
@@ -31,26 +33,31 @@ def confusion_losses(
     lr: float = 1e-3,
     batch_size: int = 256,
     hidden: int = 256,
+    num: Numerics | None = None,
 ) -> Tensor:
-    """Per-sample loss of D under a model confusion-trained with `trusted_idx` (features already standardised)."""
-    model = _mlp(feats.shape[1], hidden, num_classes)
+    """Per-sample loss of D (on the host) under a model confusion-trained with `trusted_idx` (features
+    already standardised). `num`: where and in what precision to train (default: the features' device)."""
+    num = num or Numerics.resolve(feats.device)
+    model = num.module(_mlp(feats.shape[1], hidden, num_classes))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    feats, yd, trusted = num.resident(feats), num.put(y), num.put(trusted_idx)
     n = len(y)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
+        perm = num.put(torch.randperm(n, generator=g))
         for s in range(0, n, batch_size):
             b = perm[s : s + batch_size]
-            cb = trusted_idx[torch.randint(0, len(trusted_idx), (len(b),), generator=g)]
+            cb = trusted[num.put(torch.randint(0, len(trusted_idx), (len(b),), generator=g))]
             # a wrong label for every confusion sample: shift the true label by 1..C-1
-            wrong = (y[cb] + torch.randint(1, num_classes, (len(cb),), generator=g)) % num_classes
-            loss = (
-                F.cross_entropy(model(feats[b]), y[b]) + lam * F.cross_entropy(model(feats[cb]), wrong)
-            ) / (1 + lam)
+            wrong = (yd[cb] + num.put(torch.randint(1, num_classes, (len(cb),), generator=g))) % num_classes
+            with num.autocast():
+                loss = (
+                    F.cross_entropy(model(feats[b]), yd[b]) + lam * F.cross_entropy(model(feats[cb]), wrong)
+                ) / (1 + lam)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        return F.cross_entropy(model(feats), y, reduction="none")
+    with torch.no_grad(), num.autocast():
+        return F.cross_entropy(model(feats).float(), yd, reduction="none").cpu()
 
 
 @dataclass

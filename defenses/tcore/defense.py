@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext, to_float
+from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
+from securetl.numerics import take
 
 from .bootstrap import Trainer, bootstrap
 from .channels import Tail, recover_masks, reinit_untrusted, unlearn, unmask, untrusted_from_masks
@@ -46,25 +47,30 @@ def stage_representations(
     grid: int = 4,
 ) -> tuple[list[Tensor], Tensor, Tensor | None]:
     """Pooled output of every stage (for TIS), the activation entering stage `start` (for training) and, with
-    `grid_at`, the activation entering that stage average-pooled to a grid x grid map (for confusion training)."""
-    encoder.eval().to(ctx.device)
+    `grid_at`, the activation entering that stage average-pooled to a grid x grid map (for confusion training).
+    The activations stay on the run's device (the later phases train on them there); the rest is on the host,
+    where sifting and selection happen. All fp32, whatever precision computed them."""
+    num = ctx.num
+    num.module(encoder.eval())
+    src = num.resident(x)
     pooled: list[list[Tensor]] = []
     acts, grids = [], []
-    for i in range(0, len(x), batch):
-        h = encoder.normalize(to_float(x[i : i + batch]).to(ctx.device))
-        outs = []
-        for j, stage in enumerate(encoder.stages):
-            if j == start:
-                acts.append(h.cpu())
-            if j == grid_at and h.dim() == 4:
-                grids.append(F.adaptive_avg_pool2d(h, grid).flatten(1).cpu())
-            h = stage(h)
-            outs.append(encoder.pool(h).cpu())
-        if start >= len(encoder.stages):
-            acts.append(encoder.pool(h).cpu())
-        pooled.append(outs)
-    layers = [torch.cat([p[j] for p in pooled]) for j in range(len(encoder.stages))]
-    return layers, torch.cat(acts), (torch.cat(grids) if grids else None)
+    with num.autocast():
+        for i in range(0, len(x), batch):
+            h = encoder.normalize(num.batch(src[i : i + batch]))
+            outs = []
+            for j, stage in enumerate(encoder.stages):
+                if j == start:
+                    acts.append(h.float())
+                if j == grid_at and h.dim() == 4:
+                    grids.append(F.adaptive_avg_pool2d(h, grid).flatten(1).float())
+                h = stage(h)
+                outs.append(encoder.pool(h).float())
+            if start >= len(encoder.stages):
+                acts.append(encoder.pool(h).float())
+            pooled.append(outs)
+    layers = [torch.cat([p[j] for p in pooled]).cpu() for j in range(len(encoder.stages))]
+    return layers, torch.cat(acts), (torch.cat(grids).cpu() if grids else None)
 
 
 class TCore(Defense):
@@ -153,6 +159,7 @@ class TCore(Defense):
     def train(self, encoder, train: LabeledSet, probe, ctx: RunContext) -> Model:
         g = ctx.generator(salt=4242)
         torch.manual_seed(ctx.seed)
+        num = ctx.num
         t: dict[str, float] = {}
         y, c = train.y, ctx.num_classes
         n_stages = len(encoder.stages)
@@ -209,6 +216,7 @@ class TCore(Defense):
                 lam=self.lam,
                 epochs=self.confusion_epochs,
                 batch_size=256,
+                num=num,
             )
             subset = exp.subset_idx
             for r, idx in enumerate(exp.rounds):
@@ -220,20 +228,29 @@ class TCore(Defense):
         t0 = time.perf_counter()
         g = self._phase_rng(ctx, 3)
         stages = list(encoder.stages[start:])
-        trainer_all = Trainer(None, self.lr, self.batch_size, self.weight_decay)
+        trainer_all = Trainer(None, self.lr, self.batch_size, self.weight_decay, num=num)
         grad_masks = None
-        tail = Tail(stages, encoder.feat_dim, c)
+        tail = num.module(Tail(stages, encoder.feat_dim, c))
         if self.channel_filter and stages:
-            fitted = Tail(stages, encoder.feat_dim, c)
+            fitted = num.module(Tail(stages, encoder.feat_dim, c))
             trainer_all.train(
                 fitted, acts, y, self.fit_epochs, g
             )  # the model D would give: backdoor included
             if self.trusted_from == "fitted":
                 # chi keeps what the fitted model learned; psi (the channels clean recovery did not need) restarts
                 tail.stages.load_state_dict(fitted.stages.state_dict())
-            info = unlearn(fitted, acts, y, g, self.unlearn_threshold, self.unlearn_lr, self.batch_size)
+            info = unlearn(
+                fitted, acts, y, g, self.unlearn_threshold, self.unlearn_lr, self.batch_size, num=num
+            )
             masks = recover_masks(
-                fitted, acts[subset], y[subset], g, self.recover_epochs, self.recover_lr, self.mask_l1
+                fitted,
+                take(acts, subset),
+                y[subset],
+                g,
+                self.recover_epochs,
+                self.recover_lr,
+                self.mask_l1,
+                num=num,
             )
             untrusted = untrusted_from_masks(masks, self.sigma, self.max_untrusted)
             grad_masks = reinit_untrusted(tail, untrusted, g)
@@ -251,7 +268,7 @@ class TCore(Defense):
         # ---- phase 4: bootstrapping
         t0 = time.perf_counter()
         g = self._phase_rng(ctx, 4)
-        trainer = Trainer(grad_masks, self.lr, self.batch_size, self.weight_decay, self.chi_lr_scale)
+        trainer = Trainer(grad_masks, self.lr, self.batch_size, self.weight_decay, self.chi_lr_scale, num=num)
         train_stages = bool(stages)
         if self.bootstrap:
             res = bootstrap(
@@ -278,7 +295,7 @@ class TCore(Defense):
         else:
             pool = subset
             trainer.train(
-                tail, acts[pool], y[pool], self.final_epochs, g, train_stages, cosine=self.final_cosine
+                tail, take(acts, pool), y[pool], self.final_epochs, g, train_stages, cosine=self.final_cosine
             )
         self.decisions["kept_idx"] = pool
         t["bootstrap"] = time.perf_counter() - t0

@@ -30,7 +30,9 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 # Bump when code changes would make old artifacts wrong (e.g. a fix in SSL pre-training).
-CACHE_VERSION = 1
+# 2: an encoder's initial weights follow encoder.seed (before, the global RNG state of whichever run
+#    built it first), so version-1 artifacts of the same key may hold other weights.
+CACHE_VERSION = 2
 # the safetensors header field that holds an artifact's metadata (JSON)
 META_KEY = "securetl_meta"
 # A temp file untouched for this long belongs to a writer that died (writing takes seconds): removed.

@@ -96,6 +96,25 @@ class RunContext:
     # sets it on the context it hands to the defense only
     clean: LabeledSet | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    # how to compute on `device` (precision, channels_last, resident data): securetl.numerics.Numerics;
+    # None = the default policy for the device
+    numerics: Any = None
+
+    def __post_init__(self) -> None:
+        from securetl.numerics import Numerics
+
+        self.device = torch.device(self.device)
+        if self.numerics is None:
+            self.numerics = Numerics.resolve(self.device)
+        elif self.numerics.device != self.device:
+            raise ValueError(
+                f"RunContext: numerics are for {self.numerics.device}, the run is on {self.device}"
+            )
+
+    @property
+    def num(self):
+        """Shorthand: `ctx.num.batch(x)`, `ctx.num.module(m)`, `with ctx.num.autocast():`."""
+        return self.numerics
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from the run seed; `salt` keeps streams of different steps apart."""

@@ -69,9 +69,9 @@ def knn_predict(
     out = []
     for i in range(0, len(q), 1024):
         sim, idx = (q[i : i + 1024] @ b.T).topk(min(k, len(b)), dim=1)
-        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, bank_y[idx], (sim / t).exp())
-        out.append(votes.argmax(1))
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        out.append(votes.scatter_add_(1, bank_y[idx], (sim / t).exp()).argmax(1))
+    return torch.cat(out).cpu() if out else torch.empty(0, dtype=torch.long)
 
 
 def knn_evaluate(
@@ -81,13 +81,14 @@ def knn_evaluate(
     labelled by their neighbours among the clean downstream training set's. This is how CTRL scores an
     encoder (SSL-Backdoor's code has a plain-vote kNN too), and it tells whether a trigger moved embeddings
     to the target at all, whatever a probe makes of them."""
-    encoder.eval().to(ctx.device)
-    bank_f = memo_forward(encoder, bank.x, ctx)
-    test_f = memo_forward(encoder, test.x, ctx)
-    out = {"knn_acc": accuracy(knn_predict(test_f, bank_f, bank.y, ctx.num_classes), test.y)}
+    put = ctx.num.put  # the similarity search runs where the features are computed
+    ctx.num.module(encoder.eval())
+    bank_f, bank_y = put(memo_forward(encoder, bank.x, ctx, on_device=True)), put(bank.y)
+    test_f = put(memo_forward(encoder, test.x, ctx, on_device=True))
+    out = {"knn_acc": accuracy(knn_predict(test_f, bank_f, bank_y, ctx.num_classes), test.y)}
     for i, t in enumerate(triggers):
-        f = batched_forward(lambda x, t=t: encoder(t.apply(x)), counted(test, t), ctx.device)
-        asr = float((knn_predict(f, bank_f, bank.y, ctx.num_classes) == t.target).float().mean())
+        f = batched_forward(encoder, counted(test, t), ctx, keep_on_device=True, transform=t.apply)
+        asr = float((knn_predict(f, bank_f, bank_y, ctx.num_classes) == t.target).float().mean())
         out[f"knn_asr/{t.source}"] = asr
         if i == 0:
             out["knn_asr"] = asr

@@ -29,6 +29,7 @@ from securetl.interfaces import DataAttack, Defense, EncoderAttack, RunContext, 
 from securetl.knowledge import check_knowledge, clean_share
 from securetl.knowledge import record as record_knowledge
 from securetl.metrics import TriggerEval, evaluate, knn_evaluate
+from securetl.numerics import Numerics
 from securetl.validate import (
     ConfigError,
     DataSizes,
@@ -93,7 +94,6 @@ def triggers_in_play(
 
 def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def run(
@@ -116,10 +116,15 @@ def run(
     # ---- everything that can be wrong in the config fails here, before any data or model work
     check_config(cfg, overrides or [])  # types against the targets' signatures, ranges, unknown keys, files
     device = resolve_device(cfg.device)
+    try:
+        numerics = Numerics.resolve(device, str(cfg.precision), bool(cfg.deterministic), int(cfg.threads))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     data_attack: DataAttack = build(cfg.data_attack)
     encoder_attack: EncoderAttack = build(cfg.encoder_attack)
     defense: Defense = build(cfg.defense)
-    knowledge = check_knowledge(defense, choices.get("defense"))  # clean data needed but none given: stop here
+    # clean data needed but none given: stop here
+    knowledge = check_knowledge(defense, choices.get("defense"))
     probe = build(cfg.probe)
     encoder_spec = build(cfg.encoder)
     check_encoder(encoder_spec)  # built on the meta device: architecture and width, no memory, no compute
@@ -130,6 +135,7 @@ def run(
 
     timings: dict[str, float] = {}
     memory = results.PeakMemory(device).start()  # this run's peak, not the sweep process's
+    numerics.apply_global()
     set_seed(int(cfg.seed))
     with timed(timings, "data"):
         splits: Splits = build(cfg.dataset)
@@ -142,6 +148,7 @@ def run(
         num_classes=splits.num_classes,
         cache=Cache(cfg.paths.cache_dir, enabled=bool(cfg.cache)),
         progress=bool(cfg.progress),
+        numerics=numerics,
     )
 
     logger.start(results.resolved(cfg), run_id, choices)
@@ -189,6 +196,7 @@ def run(
         device,
         cache_keys,
         overrides,
+        numerics.record(),
         memory=memory.stop(),
     )
     row["deltas"] = deltas

@@ -17,21 +17,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from securetl.interfaces import LabeledSet, Model, RunContext, to_float
+from securetl.interfaces import LabeledSet, Model, RunContext
+from securetl.numerics import Numerics, rand, randint
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- memoised forward passes
 def _fingerprint(module: nn.Module) -> tuple:
-    """Cheap identity of an encoder's current weights (changes whenever training touched it)."""
+    """Cheap identity of an encoder's current weights (changes whenever training touched it); one host
+    read for all tensors, not one per tensor."""
     with torch.no_grad():
-        return tuple(float(t.double().abs().sum()) for t in (*module.parameters(), *module.buffers()))
+        sums = [t.double().abs().sum() for t in (*module.parameters(), *module.buffers())]
+        return tuple(torch.stack(sums).cpu().tolist()) if sums else ()
 
 
 # (encoder weights, images) -> output. An entry holds its images tensor: keyed on the data pointer alone, a
 # later sweep job's images could land at a freed address (the allocator reuses them) and hit a stale entry.
-_MEMO: dict[tuple, tuple[Tensor, Tensor]] = {}
+_MEMO: dict[tuple, list] = {}  # key -> [images, output (device or host), host copy or None]
 _MEMO_MAX = 16
 
 
@@ -39,33 +42,74 @@ _MEMO_MAX = 16
 def batched_forward(
     fn,
     images: Tensor,
-    device: torch.device,
+    where: Numerics | torch.device | RunContext,
     batch: int = 512,
     desc: str | None = None,
     progress: bool = False,
+    keep_on_device: bool | str = False,
+    transform=None,
 ) -> Tensor:
-    """Apply `fn` to uint8 or float images in batches, results on CPU."""
+    """Apply `fn` to uint8 or float images in batches under the run's precision, results as fp32 on the
+    CPU, or left on the device with `keep_on_device` (True; or "fit": if all outputs fit the device's
+    resident budget, judged from the first batch). The inputs are made resident once and the outputs
+    copied back once, so the device never waits on the host between batches. `transform` (a trigger) runs
+    on each float batch first, in fp32: a frequency trigger's DCT in bf16 would lose the trigger."""
+    num = as_numerics(where)
+    src = num.resident(images)
     outs = []
+    keep = keep_on_device
     for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
-        outs.append(fn(to_float(images[i : i + batch]).to(device)).float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
+        xb = num.batch(src[i : i + batch])
+        if transform is not None:
+            xb = transform(xb)
+        with num.autocast():
+            out = fn(xb).float()
+        if keep == "fit":
+            keep = num.fits(out.numel() * out.element_size() * len(images) / max(1, len(xb)))
+        outs.append(out if keep else out.cpu())
+    out = torch.cat(outs) if outs else torch.empty(0, device=num.device if keep else "cpu")
+    return out if keep else out.cpu()
 
 
-def memo_forward(encoder: nn.Module, images: Tensor, ctx: RunContext, stop: int | None = None) -> Tensor:
-    """Features (stop=None) or the activation after `stop` stages, memoised on (encoder state, images)."""
+def as_numerics(where: Numerics | torch.device | RunContext) -> Numerics:
+    """The numerics of a run context, or the default policy for a bare device."""
+    if isinstance(where, Numerics):
+        return where
+    if isinstance(where, RunContext):
+        return where.num
+    return Numerics.resolve(where)
+
+
+def memo_forward(
+    encoder: nn.Module, images: Tensor, ctx: RunContext, stop: int | None = None, on_device: bool = False
+) -> Tensor:
+    """Features (stop=None) or the activation after `stop` stages, memoised on (encoder state, images).
+
+    A GPU run keeps them on the device when they fit: `on_device=True` returns that copy (a training loop
+    then reads it in place; else a host copy, made once), the default returns them on the host."""
     key = (_fingerprint(encoder), images.data_ptr(), tuple(images.shape), images.stride(), images.dtype, stop)
     if key not in _MEMO:
         was_training = encoder.training
-        encoder.eval().to(ctx.device)
+        ctx.num.module(encoder.eval())
         fn = encoder if stop is None else (lambda x: encoder.forward_until(x, stop))
         out = batched_forward(
-            fn, images, ctx.device, desc="features", progress=ctx.progress and len(images) > 5000
+            fn,
+            images,
+            ctx,
+            desc="features",
+            progress=ctx.progress and len(images) > 5000,
+            keep_on_device="fit" if ctx.num.cuda else False,
         )
-        _MEMO[key] = (images, out)
+        _MEMO[key] = [images, out, None]
         encoder.train(was_training)
         while len(_MEMO) > _MEMO_MAX:
             _MEMO.pop(next(iter(_MEMO)))
-    return _MEMO[key][1]
+    entry = _MEMO[key]
+    if on_device or entry[1].device.type == "cpu":
+        return entry[1]
+    if entry[2] is None:
+        entry[2] = entry[1].cpu()
+    return entry[2]
 
 
 def clear_memo() -> None:
@@ -105,17 +149,18 @@ def flip_crop(x: Tensor, pad: int = 4, g: torch.Generator | None = None) -> Tens
     """Per-sample random crop (with reflection padding) and horizontal flip on a batch."""
     n, _, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    rows = (dy.view(n, 1) + torch.arange(h)).to(x.device)
-    cols = (dx.view(n, 1) + torch.arange(w)).to(x.device)
+    # drawn on the generator's device (the same draws as always on CPU; no host copy on a GPU)
+    dx = randint(0, 2 * pad + 1, n, g, x.device)
+    dy = randint(0, 2 * pad + 1, n, g, x.device)
+    rows = dy.view(n, 1) + torch.arange(h, device=x.device)
+    cols = dx.view(n, 1) + torch.arange(w, device=x.device)
     out = xp[
         torch.arange(n, device=x.device).view(n, 1, 1, 1),
         torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1),
         rows.view(n, 1, h, 1),
         cols.view(n, 1, 1, w),
     ]
-    flip = (torch.rand(n, generator=g) < 0.5).to(x.device).view(n, 1, 1, 1)
+    flip = (rand(n, g, x.device) < 0.5).view(n, 1, 1, 1)
     return torch.where(flip, out.flip(-1), out)
 
 
@@ -181,8 +226,8 @@ class Probe:
         g = ctx.generator(salt=17)
         torch.manual_seed(ctx.seed)
         if self.frozen:
-            feats = memo_forward(encoder, train.x, ctx)
-            head = make_head(self.kind, feats, ctx.num_classes, self.hidden).to(ctx.device)
+            feats = memo_forward(encoder, train.x, ctx, on_device=True)
+            head = ctx.num.module(make_head(self.kind, feats, ctx.num_classes, self.hidden))
             self._train_loop(
                 head, feats, train.y, ctx, epochs, g, [{"params": head.parameters(), "lr": self.lr}]
             )
@@ -190,12 +235,15 @@ class Probe:
         n_top = {"last_stage": 1, "last2": 2}.get(self.trainable)
         if n_top is not None and hasattr(encoder, "stages") and len(encoder.stages) > n_top:
             start = len(encoder.stages) - n_top
-            acts = memo_forward(encoder, train.x, ctx, stop=start)  # before the copy, so the memo hits
+            # before the copy, so the memo hits; on a GPU the activations stay there
+            acts = memo_forward(encoder, train.x, ctx, stop=start, on_device=True)
             encoder = trainable_copy(encoder)
             with torch.no_grad():
-                feats = batched_forward(lambda h: encoder.forward_from(h, start), acts, ctx.device)
+                feats = batched_forward(
+                    lambda h: encoder.forward_from(h, start), acts, ctx, keep_on_device=True
+                )
             head = make_head(self.head, feats, ctx.num_classes, self.hidden)
-            tail = _Tail(encoder, start, head).to(ctx.device)
+            tail = ctx.num.module(_Tail(encoder, start, head))
             groups = [
                 {"params": tail.stages.parameters(), "lr": self.encoder_lr},
                 {"params": head.parameters(), "lr": self.lr},
@@ -205,10 +253,10 @@ class Probe:
                 encoder.stages[start + i] = stage
             return Model(encoder, head).eval()
         # whole-encoder fine-tuning on images
-        feats = memo_forward(encoder, train.x, ctx)
+        feats = memo_forward(encoder, train.x, ctx, on_device=True)
         encoder = trainable_copy(encoder)
         head = make_head(self.head, feats, ctx.num_classes, self.hidden)
-        model = Model(encoder, head).to(ctx.device)
+        model = ctx.num.module(Model(encoder, head))
         groups = [
             {"params": encoder.parameters(), "lr": self.encoder_lr},
             {"params": head.parameters(), "lr": self.lr},
@@ -233,6 +281,10 @@ class Probe:
         else:
             opt = torch.optim.Adam(groups, weight_decay=self.weight_decay)
         n, bs = len(y), self.batch_size
+        num = ctx.num
+        # inputs (images, or memoised features/activations) and labels on the device once
+        src, ys = num.resident(inputs), num.resident(y)
+        g_aug = num.generator(g)
         module.train()
         bar = tqdm(
             range(epochs),
@@ -241,16 +293,14 @@ class Probe:
             leave=False,
         )
         for _ in bar:
-            perm = torch.randperm(n, generator=g)
+            perm = num.put(torch.randperm(n, generator=g))
             for s in range(0, n, bs):
                 idx = perm[s : s + bs]
-                if images:
-                    xb = to_float(inputs[idx]).to(ctx.device)
-                    if self.augment:
-                        xb = flip_crop(xb, g=g)
-                else:
-                    xb = inputs[idx].to(ctx.device)
-                loss = F.cross_entropy(module(xb), y[idx].to(ctx.device))
+                xb = num.batch(src[idx])
+                if images and self.augment:
+                    xb = flip_crop(xb, g=g_aug)
+                with num.autocast():
+                    loss = F.cross_entropy(module(xb), ys[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -260,21 +310,12 @@ class Probe:
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, ctx: RunContext, transform=None, batch: int = 512) -> Tensor:
     """Predicted labels for uint8/float images, optionally transformed (e.g. a trigger) on the float batch."""
-    model.eval().to(ctx.device)
-
-    def fn(xb: Tensor) -> Tensor:
-        if transform is not None:
-            xb = transform(xb)
-        return model(xb).argmax(1)
-
-    return batched_forward(fn, x, ctx.device, batch=batch).long()
+    ctx.num.module(model.eval())
+    return batched_forward(lambda xb: model(xb).argmax(1), x, ctx, batch=batch, transform=transform).long()
 
 
 @torch.no_grad()
 def per_sample_loss(model: nn.Module, data: LabeledSet, ctx: RunContext, batch: int = 512) -> Tensor:
-    model.eval().to(ctx.device)
-    outs = []
-    for i in range(0, len(data), batch):
-        logits = model(to_float(data.x[i : i + batch]).to(ctx.device))
-        outs.append(F.cross_entropy(logits, data.y[i : i + batch].to(ctx.device), reduction="none").cpu())
-    return torch.cat(outs)
+    ctx.num.module(model.eval())
+    logits = batched_forward(model, data.x, ctx, batch=batch, keep_on_device=True)
+    return F.cross_entropy(logits, ctx.num.put(data.y), reduction="none").cpu()

@@ -26,7 +26,20 @@ log = logging.getLogger(__name__)
 
 # Keys that change where or how a run is reported, not what it computes: they stay out of run_id.
 # `deltas` is dropped too: apply_deltas has merged what it changes into the groups, which are hashed.
-NON_SEMANTIC_KEYS = ("paths", "logger", "resume", "device", "progress", "cache", "report", "hydra", "deltas")
+# The numerics (`device`, `precision`, `deterministic`, `threads`) stay out too, as `device` always has: a
+# row records them (`numerics`), and the table tool warns when one cell mixes rows made under different ones.
+NUMERICS_KEYS = ("device", "precision", "deterministic", "threads")
+NON_SEMANTIC_KEYS = (
+    "paths",
+    "logger",
+    "resume",
+    "progress",
+    "cache",
+    "report",
+    "hydra",
+    "deltas",
+    *NUMERICS_KEYS,
+)
 # Nested keys of the same kind: where the data live (`dataset.root` defaults to ${paths.data_dir}).
 NON_SEMANTIC_LEAVES = ("dataset.root",)
 GROUPS = ("dataset", "encoder", "encoder_attack", "data_attack", "defense", "probe", "threat", "ablation")
@@ -208,6 +221,7 @@ def make_row(
     device: torch.device,
     cache_keys: dict,
     overrides: list[str] | None,
+    numerics: dict | None = None,
     memory: dict | None = None,
 ) -> dict[str, Any]:
     """One row. `memory`: PeakMemory.stop() of this run (without it, a sampler started now measures nothing)."""
@@ -220,6 +234,7 @@ def make_row(
         "timings": timings | {"total": round(sum(timings.values()), 3)},
         "memory": memory if memory is not None else PeakMemory(device).start().stop(),
         "device": str(device),
+        "numerics": numerics or {"device": device.type},
         "host": platform.node(),
         "torch": torch.__version__,
         "git_sha": git_sha(),

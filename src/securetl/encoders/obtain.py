@@ -91,7 +91,11 @@ def obtain(
     """The encoder a run starts from, and the cache keys used (recorded in the row)."""
     cache: Cache = ctx.cache
     keys: dict[str, str] = {}
-    encoder = spec.build()
+    # The initial weights are part of what the cache key names (encoder.seed): drawn from the global RNG
+    # they would depend on whatever ran before in this process (another sweep job, another seed).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        encoder = spec.build()
     if spec.checkpoint:
         load_checkpoint(encoder, spec.checkpoint, spec.checkpoint_prefix)
         # keyed by the file's content and the settings that shape the encoder, not by the path

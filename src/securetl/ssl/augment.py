@@ -15,14 +15,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from securetl.numerics import rand
+
 _GRAY = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 # RGB <-> YIQ: hue is a rotation of the IQ plane, which makes a per-sample hue jitter one batched matmul
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+_ON_DEVICE: dict[tuple[int, str], Tensor] = {}
+
+
+def _const(t: Tensor, device) -> Tensor:
+    """A module constant on `device`, copied there once (not once per batch)."""
+    key = (id(t), str(device))
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = t.to(device)
+    return _ON_DEVICE[key]
 
 
 def _u(n: int, lo: float, hi: float, g: torch.Generator | None, device) -> Tensor:
-    return (torch.rand(n, generator=g) * (hi - lo) + lo).to(device)
+    # drawn on the generator's device: a CPU generator draws what it always drew, a CUDA one (the trainer's
+    # on a GPU) draws where the batch is
+    return rand(n, g, device) * (hi - lo) + lo
 
 
 def random_resized_crop(
@@ -42,9 +55,9 @@ def random_resized_crop(
     ar = torch.exp(logr)
     w = torch.sqrt(area * ar / a).clamp(max=1.0)  # fractions of the width and height
     h = torch.sqrt(area * a / ar).clamp(max=1.0)
-    cx = (torch.rand(n, generator=g).to(x.device) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, generator=g).to(x.device) * 2 - 1) * (1 - h)
-    flip = (torch.rand(n, generator=g).to(x.device) < 0.5).float() * 2 - 1  # horizontal flip folded in
+    cx = (rand(n, g, x.device) * 2 - 1) * (1 - w)
+    cy = (rand(n, g, x.device) * 2 - 1) * (1 - h)
+    flip = (rand(n, g, x.device) < 0.5).float() * 2 - 1  # horizontal flip folded in
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = w * -flip
     theta[:, 0, 2] = cx
@@ -58,28 +71,28 @@ def color_jitter(
     x: Tensor, b=0.4, c=0.4, s=0.4, h=0.1, p: float = 0.8, g: torch.Generator | None = None
 ) -> Tensor:
     n, dev = x.shape[0], x.device
-    apply = (torch.rand(n, generator=g) < p).to(dev).view(n, 1, 1, 1)
+    apply = (rand(n, g, dev) < p).view(n, 1, 1, 1)
     bf = _u(n, 1 - b, 1 + b, g, dev).view(n, 1, 1, 1)
     cf = _u(n, 1 - c, 1 + c, g, dev).view(n, 1, 1, 1)
     sf = _u(n, 1 - s, 1 + s, g, dev).view(n, 1, 1, 1)
     hf = _u(n, -h, h, g, dev) * 2 * math.pi
     y = x * bf
-    gray = (y * _GRAY.to(dev)).sum(1, keepdim=True)
+    gray = (y * _const(_GRAY, dev)).sum(1, keepdim=True)
     y = (y - gray.mean(dim=(2, 3), keepdim=True)) * cf + gray.mean(dim=(2, 3), keepdim=True)
-    gray = (y * _GRAY.to(dev)).sum(1, keepdim=True)
+    gray = (y * _const(_GRAY, dev)).sum(1, keepdim=True)
     y = (y - gray) * sf + gray
-    yiq = torch.einsum("ij,njhw->nihw", _RGB2YIQ.to(dev), y)
+    yiq = torch.einsum("ij,njhw->nihw", _const(_RGB2YIQ, dev), y)
     cos, sin = torch.cos(hf).view(n, 1, 1), torch.sin(hf).view(n, 1, 1)
     i, q = yiq[:, 1], yiq[:, 2]
     yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
-    y = torch.einsum("ij,njhw->nihw", _YIQ2RGB.to(dev), yiq).clamp(0, 1)
+    y = torch.einsum("ij,njhw->nihw", _const(_YIQ2RGB, dev), yiq).clamp(0, 1)
     return torch.where(apply, y, x)
 
 
 def random_grayscale(x: Tensor, p: float = 0.2, g: torch.Generator | None = None) -> Tensor:
     n = x.shape[0]
-    apply = (torch.rand(n, generator=g) < p).to(x.device).view(n, 1, 1, 1)
-    gray = (x * _GRAY.to(x.device)).sum(1, keepdim=True).expand_as(x)
+    apply = (rand(n, g, x.device) < p).view(n, 1, 1, 1)
+    gray = (x * _const(_GRAY, x.device)).sum(1, keepdim=True).expand_as(x)
     return torch.where(apply, gray, x)
 
 

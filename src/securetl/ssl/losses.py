@@ -13,7 +13,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     sim = z @ z.t() / temperature
     sim.fill_diagonal_(float("-inf"))  # a view is never its own negative
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    targets = torch.cat([torch.arange(n, 2 * n, device=z.device), torch.arange(0, n, device=z.device)])
     return F.cross_entropy(sim, targets)
 
 

@@ -104,6 +104,11 @@ class MoCoV2(SSLMethod):
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending: list[Tensor] = []
+        self._ptr = 0  # host copy of queue_ptr: reading the buffer every step would stall a GPU
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ptr = int(self.queue_ptr)
 
     @torch.no_grad()
     def keys(self, x: Tensor) -> Tensor:
@@ -111,9 +116,11 @@ class MoCoV2(SSLMethod):
         n = len(x)
         groups = max(1, min(self.key_bn_groups, n // 2))
         perm = torch.randperm(n, device=x.device)
-        out = torch.empty(n, self.queue.shape[1], device=x.device, dtype=x.dtype)
-        for idx in perm.chunk(groups):
-            out[idx] = self.key_net(x[idx])
+        parts = [(idx, self.key_net(x[idx])) for idx in perm.chunk(groups)]
+        # the keys' dtype, not the images': under bf16 autocast the key network answers in bf16
+        out = torch.empty(n, self.queue.shape[1], device=x.device, dtype=parts[0][1].dtype)
+        for idx, k in parts:
+            out[idx] = k
         return nn.functional.normalize(out, dim=1)
 
     def _one_way(self, vq: Tensor, vk: Tensor) -> Tensor:
@@ -132,9 +139,10 @@ class MoCoV2(SSLMethod):
     def enqueue(self, keys: Tensor) -> None:
         size = self.queue.shape[0]
         keys = keys[-size:]
-        idx = (int(self.queue_ptr) + torch.arange(len(keys), device=keys.device)) % size
+        idx = (self._ptr + torch.arange(len(keys), device=keys.device)) % size
         self.queue[idx] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((int(self.queue_ptr) + len(keys)) % size)
+        self._ptr = (self._ptr + len(keys)) % size
+        self.queue_ptr.fill_(self._ptr)
 
     def after_step(self) -> None:
         # keys are enqueued only after backward: the loss graph still holds the old queue

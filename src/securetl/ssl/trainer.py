@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from securetl.interfaces import RunContext, to_float
+from securetl.interfaces import RunContext
 from securetl.ssl.augment import SimCLRAugment
 from securetl.ssl.methods import build_method
 
@@ -40,16 +40,20 @@ def pretrain(
 ) -> tuple[torch.nn.Module, list[float]]:
     """Self-supervised pre-training of `encoder` on uint8 `images` (one tensor, or groups of tensors of
     different sizes); returns it and the per-epoch loss."""
+    num = ctx.num
     groups = [images] if isinstance(images, torch.Tensor) else list(images)
     size = tuple(groups[0].shape[-2:])
     starts = torch.tensor([0] + [len(gr) for gr in groups]).cumsum(0)
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    method = build_method(ssl, encoder, **(method_kwargs or {})).to(ctx.device)
+    g = torch.Generator().manual_seed(seed)  # the batch order, drawn on the host
+    g_aug = num.generator(g)  # the views' random parameters, drawn where the batch is
+    method = num.module(build_method(ssl, encoder, **(method_kwargs or {})))
     aug = SimCLRAugment(**(augment or {}))
     opt = torch.optim.Adam(
         [p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
     )
+    # uint8 images on the device once (or pinned), not copied from pageable memory every step
+    resident = [num.resident(gr) for gr in groups]
     n = int(starts[-1])
     steps = max(1, n // batch_size)  # drop the last partial batch: BatchNorm and NT-Xent want full batches
     history = []
@@ -58,25 +62,32 @@ def pretrain(
     bar = tqdm(range(epochs), desc=f"{ssl} pre-training", disable=not ctx.progress, leave=False)
     for _ in bar:
         perm = torch.randperm(n, generator=g)
-        total = 0.0
+        order = num.put(perm) if len(groups) == 1 else perm
+        # summed on the device and read once per epoch: a per-step .item() would stall the GPU every step
+        total = torch.zeros((), dtype=torch.float64, device=ctx.device)
         for s in range(steps):
-            idx = perm[s * batch_size : (s + 1) * batch_size]
-            parts = [
-                to_float(gr[idx[(idx >= lo) & (idx < hi)] - lo]).to(ctx.device)
-                for gr, lo, hi in zip(groups, starts[:-1], starts[1:])
-            ]
-            parts = [p for p in parts if len(p)]
-            v1 = torch.cat([aug(p, g, size) for p in parts])
-            v2 = torch.cat([aug(p, g, size) for p in parts])
-            loss = method.loss(v1, v2)
+            idx = order[s * batch_size : (s + 1) * batch_size]
+            if len(groups) == 1:
+                parts = [num.batch(resident[0][idx])]
+            else:
+                parts = [
+                    num.batch(res[num.put(idx[(idx >= lo) & (idx < hi)] - lo)])
+                    for res, lo, hi in zip(resident, starts[:-1], starts[1:])
+                    if ((idx >= lo) & (idx < hi)).any()
+                ]
+            v1 = torch.cat([aug(p, g_aug, size) for p in parts])
+            v2 = torch.cat([aug(p, g_aug, size) for p in parts])
+            with num.autocast():
+                loss = method.loss(v1, v2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             method.after_step()
-            total += loss.item()
-        history.append(total / steps)
+            total += loss.detach()
+        history.append(float(total) / steps)
         if not math.isfinite(history[-1]):
             raise FloatingPointError(f"{ssl} loss became {history[-1]}; lower encoder.lr")
         bar.set_postfix(loss=f"{history[-1]:.3f}")
-    log.info("%s pre-training: loss %.3f -> %.3f over %d epochs", ssl, history[0], history[-1], epochs)
+    if history:  # encoder.epochs=0 is allowed: the encoder as initialised
+        log.info("%s pre-training: loss %.3f -> %.3f over %d epochs", ssl, history[0], history[-1], epochs)
     return encoder.eval(), history

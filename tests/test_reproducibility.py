@@ -1,0 +1,82 @@
+"""Same config, same numbers (issue 16, items 1-2): a cached encoder is a function of its key, and a run's
+numbers do not depend on what ran before it in the process, on the CPU thread count the process started
+with, or on whether a sweep ran serially or in joblib workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT, TINY
+from securetl import pipeline
+from securetl.probe import clear_memo
+
+BIN = Path(sys.executable).parent
+CELL = ["data_attack=badnets", "probe=finetune_short"]
+
+
+def _run(compose_cfg, root: Path, monkeypatch, overrides: list[str]) -> dict:
+    monkeypatch.setenv("SECURETL_ROOT", str(root))
+    clear_memo()
+    return pipeline.run(compose_cfg([*CELL, *overrides]))
+
+
+def _encoder_file(root: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (path,) = (root / ".cache" / "securetl" / "encoder").glob("*.safetensors")
+    return load_file(str(path))
+
+
+def test_an_encoder_does_not_depend_on_the_run_that_built_it(compose_cfg, tmp_path, monkeypatch):
+    """`seed=1` alone, and `seed=1` after `seed=0` filled the cache: one encoder, one result."""
+    alone = _run(compose_cfg, tmp_path / "a", monkeypatch, ["seed=1"])
+    _run(compose_cfg, tmp_path / "b", monkeypatch, ["seed=0"])
+    torch.manual_seed(12345)  # whatever the process did before must not matter either
+    torch.rand(7)
+    after = _run(compose_cfg, tmp_path / "b", monkeypatch, ["seed=1", "resume=false"])
+    assert after["metrics"] == alone["metrics"]
+    a, b = _encoder_file(tmp_path / "a"), _encoder_file(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_encoder_seed_changes_the_initial_weights(compose_cfg, tmp_path, monkeypatch):
+    _run(compose_cfg, tmp_path / "s0", monkeypatch, ["encoder.epochs=0"])
+    _run(compose_cfg, tmp_path / "s1", monkeypatch, ["encoder.epochs=0", "encoder.seed=1"])
+    a, b = _encoder_file(tmp_path / "s0"), _encoder_file(tmp_path / "s1")
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def test_the_thread_count_is_the_configs_not_the_processes(compose_cfg, tmp_path, monkeypatch):
+    """A joblib worker starts with one thread, a plain run with all cores: `threads` decides, and the row
+    records it."""
+    rows = []
+    for ambient in (1, 2):
+        torch.set_num_threads(ambient)
+        rows.append(_run(compose_cfg, tmp_path / f"t{ambient}", monkeypatch, ["threads=2"]))
+    torch.set_num_threads(1)
+    assert rows[0]["metrics"] == rows[1]["metrics"]
+    assert rows[0]["numerics"]["threads"] == 2
+
+
+def test_a_joblib_sweep_gives_the_rows_of_a_serial_sweep(tmp_path):
+    """Two seeds, serially and with two joblib workers (each filling the encoder cache on its own)."""
+
+    def sweep(root: Path, extra: list[str]) -> dict[str, dict]:
+        env = dict(os.environ, SECURETL_ROOT=str(root), OMP_NUM_THREADS="1")
+        args = ["-m", *CELL, "seed=0,1", *TINY, *extra]
+        out = subprocess.run(
+            [str(BIN / "securetl"), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = [json.loads(p.read_text()) for p in (root / "results" / "raw").glob("*.json")]
+        return {r["run_id"]: r["metrics"] for r in rows}
+
+    serial = sweep(tmp_path / "serial", [])
+    parallel = sweep(tmp_path / "joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
+    assert len(serial) == 2 and serial == parallel
