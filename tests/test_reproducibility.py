@@ -80,3 +80,36 @@ def test_a_joblib_sweep_gives_the_rows_of_a_serial_sweep(tmp_path):
     serial = sweep(tmp_path / "serial", [])
     parallel = sweep(tmp_path / "joblib", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
     assert len(serial) == 2 and serial == parallel
+
+
+def test_the_table_tool_points_out_a_cell_with_mixed_numerics(tmp_path):
+    from securetl.tables import render
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    base = {
+        "choices": {
+            "dataset": "synthetic",
+            "encoder": "synthetic_simclr_resnet18",
+            "encoder_attack": "none",
+            "data_attack": "none",
+            "defense": "none",
+            "probe": "finetune_short",
+            "threat": "None",
+            "ablation": "None",
+        },
+        "metrics": {"acc": 0.5, "asr": 0.01, "asr/reference": 0.01},
+        "overrides": [],
+    }
+    numerics = [
+        {"device": "cpu", "precision": "fp32", "threads": 2},
+        {"device": "cpu", "precision": "fp32", "threads": 1},
+    ]
+    for seed, n in enumerate(numerics):
+        (raw / f"r{seed}.json").write_text(
+            json.dumps(base | {"run_id": f"r{seed}", "seed": 0, "numerics": n})
+        )
+    md = render("demo", tmp_path)
+    assert "different numerics" in md and "cpu fp32, 1 threads / cpu fp32, 2 threads" in md
+    (raw / "r1.json").unlink()
+    assert "different numerics" not in render("demo", tmp_path)

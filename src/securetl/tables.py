@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import math
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from securetl.results import read_failures, read_rows
+
+log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 METRIC_NAMES = {
@@ -85,6 +88,7 @@ def flatten(
         rec["seed"] = r["seed"]
         if described is not None:
             rec["_extra"] = tuple(extra_overrides(r, described))
+        rec["_numerics"] = numerics_label(r)
         for k in config_keys:
             v = config_value(r.get("config") or {}, k)
             rec[k] = "None" if v is None else str(v)
@@ -98,6 +102,31 @@ def flatten(
             rec[f"time:{k}"] = v
         recs.append(rec)
     return pd.DataFrame(recs)
+
+
+def numerics_label(row: dict) -> str:
+    """How a row was computed (device, precision, CPU threads): rows made under different numerics are
+    not bit-comparable, so a cell that mixes them is pointed out under the table."""
+    n = row.get("numerics")
+    if not isinstance(n, dict):  # rows written before the numerics were recorded
+        return f"{str(row.get('device', '?')).split(':')[0]}, numerics not recorded"
+    label = f"{n.get('device', '?')} {n.get('precision', '?')}"
+    return label + (f", {n['threads']} threads" if n.get("device") == "cpu" and "threads" in n else "")
+
+
+def mixed_numerics(df: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The cells (by their `keys`) whose rows were computed under more than one numerics label."""
+    if "_numerics" not in df or df.empty:
+        return []
+    by = [k for k in keys if k in df]
+    groups = df.groupby(by, dropna=False)["_numerics"] if by else [((), df["_numerics"])]
+    out = []
+    for cell, labels in groups:
+        kinds = sorted(set(labels))
+        if len(kinds) > 1:
+            cell = cell if isinstance(cell, tuple) else (cell,)
+            out.append(", ".join(f"{k}={v}" for k, v in zip(by, cell)) + f": {' / '.join(kinds)}")
+    return out
 
 
 def fmt(mean: float, std: float, n: int, pct: bool) -> str:
@@ -155,6 +184,7 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
     long = agg.copy()
     # settings the preset does not set, under which some of the kept rows ran (said under the table)
     long.attrs["extra"] = sorted({e for extra in df.get("_extra", []) for e in extra})
+    long.attrs["mixed_numerics"] = mixed_numerics(df, keys)
     disp = pd.DataFrame(index=agg.index)
     for m in present:
         pct = not m.startswith("time:") and not m.startswith("diag:") or m.endswith("purity")
@@ -252,6 +282,14 @@ def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Pat
             "\nSome rows ran with settings this preset does not set: "
             + ", ".join(f"`{e}`" for e in long.attrs["extra"])
             + "\n"
+        )
+    if len(long) and long.attrs.get("mixed_numerics"):
+        mixed = long.attrs["mixed_numerics"]
+        log.warning("%d cell(s) of %s mix rows computed under different numerics", len(mixed), name)
+        md += (
+            "\nCells whose rows were computed under different numerics (not bit-comparable; "
+            "`securetl device=... precision=... threads=...` sets them):\n"
+            + "".join(f"- {m}\n" for m in mixed)
         )
     if missing:
         failed = failed_cells(read_failures(Path(results_dir)), report, sweep)
