@@ -110,6 +110,8 @@ def bench_features(num: Numerics, imgs: torch.Tensor, width: int, batch: int, re
     dev = num.device
     ctx = RunContext(dev, 0, 10, progress=False, numerics=num)
     enc = num.module(cifar_resnet18(width).eval())
+    for p in enc.parameters():  # as the pipeline hands encoders out (and autocast then recasts per batch)
+        p.requires_grad_(False)
 
     def suite() -> None:
         clear_memo()

@@ -99,6 +99,12 @@ class Numerics:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return nullcontext()
 
+    def full_precision(self):
+        """fp32 inside an autocast region (a trigger, whose arithmetic bf16 would change)."""
+        if self.precision == "bf16" and self.cuda:
+            return torch.autocast(device_type="cuda", enabled=False)
+        return nullcontext()
+
     def module(self, m: nn.Module) -> nn.Module:
         """`m` on the device (in place, as `.to` does), channels_last on CUDA."""
         if self.channels_last:

@@ -58,15 +58,18 @@ def batched_forward(
     src = num.resident(images)
     outs = []
     keep = keep_on_device
-    for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
-        xb = num.batch(src[i : i + batch])
-        if transform is not None:
-            xb = transform(xb)
-        with num.autocast():
+    # one autocast region for the whole pass (it keeps its weight casts for the region), the trigger
+    # excepted
+    with num.autocast():
+        for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
+            xb = num.batch(src[i : i + batch])
+            if transform is not None:
+                with num.full_precision():
+                    xb = transform(xb)
             out = fn(xb).float()
-        if keep == "fit":
-            keep = num.fits(out.numel() * out.element_size() * len(images) / max(1, len(xb)))
-        outs.append(out if keep else out.cpu())
+            if keep == "fit":
+                keep = num.fits(out.numel() * out.element_size() * len(images) / max(1, len(xb)))
+            outs.append(out if keep else out.cpu())
     out = torch.cat(outs) if outs else torch.empty(0, device=num.device if keep else "cpu")
     return out if keep else out.cpu()
 
