@@ -77,3 +77,12 @@ def test_masked_bn_tail_and_unmask_are_built_where_the_encoder_lives():
     assert _on(tail.stages, "meta")  # the MaskedBNs (and their masks) were made on meta, not on the CPU
     plain = unmask(tail.stages[0])
     assert _on(plain, "meta")
+
+
+def test_the_gpu_scale_threat1_preset_sets_its_scale_and_runs_at_tiny_sizes(compose_cfg):
+    full = compose_cfg(["table=threat1_synthetic_gpu"], tiny=False)
+    assert (full.encoder.width, full.encoder.epochs, full.encoder.batch_size) == (64, 40, 256)
+    assert full.dataset.n_pretrain == 16000
+    row = pipeline.run(compose_cfg(["table=threat1_synthetic_gpu", "encoder_attack=sslbackdoor"]))
+    assert row["choices"]["encoder"] == "synthetic_simclr_resnet18_gpu"
+    assert 0.0 <= row["metrics"]["knn_asr"] <= 1.0
