@@ -82,13 +82,7 @@ class Scope:
         """The head's input under `module` (the pooled output of the last stage, or the frozen features), CPU."""
         module.eval().to(device)
         if isinstance(module, _Tail):
-
-            def fn(h: Tensor) -> Tensor:
-                for s in module.stages:
-                    h = s(h)
-                return h.mean(dim=(2, 3)) if h.dim() == 4 else h
-
-            return batched_forward(fn, inputs, device, batch=batch)
+            return batched_forward(module.features, inputs, device, batch=batch)
         return inputs.float().clone()
 
     @staticmethod

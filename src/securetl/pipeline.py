@@ -29,7 +29,7 @@ from securetl.interfaces import DataAttack, Defense, EncoderAttack, RunContext, 
 from securetl.knowledge import check_knowledge, clean_share
 from securetl.knowledge import record as record_knowledge
 from securetl.metrics import TriggerEval, evaluate, knn_evaluate
-from securetl.numerics import Numerics
+from securetl.numerics import Numerics, clear_resident
 from securetl.validate import (
     ConfigError,
     DataSizes,
@@ -136,6 +136,7 @@ def run(
     timings: dict[str, float] = {}
     memory = results.PeakMemory(device).start()  # this run's peak, not the sweep process's
     numerics.apply_global()
+    clear_resident()  # the previous sweep job's datasets would otherwise stay on the GPU
     set_seed(int(cfg.seed))
     with timed(timings, "data"):
         splits: Splits = build(cfg.dataset)

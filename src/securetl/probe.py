@@ -175,10 +175,14 @@ class _Tail(nn.Module):
         self.stages = nn.ModuleList(encoder.stages[start:])
         self.head = head
 
-    def forward(self, h: Tensor) -> Tensor:
+    def features(self, h: Tensor) -> Tensor:
+        """The head's input: the trainable stages' pooled output."""
         for s in self.stages:
             h = s(h)
-        return self.head(h.mean(dim=(2, 3)) if h.dim() == 4 else h)
+        return h.mean(dim=(2, 3)) if h.dim() == 4 else h
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.head(self.features(h))
 
 
 # --------------------------------------------------------------------------- the probe
