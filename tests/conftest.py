@@ -35,6 +35,9 @@ TINY = [
 def compose_cfg(tmp_path, monkeypatch):
     """compose(overrides) -> DictConfig with paths in a temp dir and the hydra node (for choices)."""
     monkeypatch.setenv("SECURETL_ROOT", str(tmp_path))
+    # `make` exports a shared cache dir; each test keeps its artifacts under its own root
+    monkeypatch.delenv("SECURETL_CACHE_DIR", raising=False)
+    monkeypatch.delenv("SECURETL_RESULTS_DIR", raising=False)
     import securetl.run  # noqa: F401  registers the `uid` resolver
 
     def _compose(overrides=(), tiny=True):
