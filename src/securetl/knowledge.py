@@ -72,3 +72,19 @@ def record(knowledge: Knowledge, clean: LabeledSet | None) -> dict[str, object]:
         "trains_encoder": knowledge.trains_encoder,
         "reads_poison_idx": knowledge.reads_poison_idx,
     }
+
+
+def split_holdout(clean: LabeledSet, fraction: float, g: torch.Generator) -> tuple[LabeledSet, LabeledSet]:
+    """(fit, holdout): a class-balanced `fraction` of the clean share held out for a method's selection rules
+    (thresholds, stopping, best epoch; BASELINES.md section 0: never test data). Each class keeps at least one
+    image on the fit side and gives at least one to the holdout when it has two or more."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction={fraction} must lie in (0, 1)")
+    fit, held = [], []
+    for c in torch.unique(clean.y).tolist():
+        idx = torch.nonzero(clean.y == c).squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
+        held.append(idx[:k])
+        fit.append(idx[k:])
+    return clean.subset(torch.cat(fit).sort().values), clean.subset(torch.cat(held).sort().values)

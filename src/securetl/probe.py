@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -283,35 +284,76 @@ class Probe:
         groups: list[dict],
         images: bool = False,
     ) -> None:
-        if self.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=self.weight_decay)
-        else:
-            opt = torch.optim.Adam(groups, weight_decay=self.weight_decay)
-        n, bs = len(y), self.batch_size
-        num = ctx.num
-        # inputs (images, or memoised features/activations) and labels on the device once
-        src, ys = num.resident(inputs), num.resident(y)
-        g_aug = num.generator(g)
-        module.train()
-        bar = tqdm(
-            range(epochs),
+        train_loop(
+            module,
+            inputs,
+            y,
+            ctx,
+            groups,
+            epochs=epochs,
+            batch_size=self.batch_size,
+            g=g,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            augment=images and self.augment,
             desc=f"probe[{self.kind}]",
-            disable=not ctx.progress or epochs * n < 200_000,
-            leave=False,
         )
-        for _ in bar:
-            perm = num.put(torch.randperm(n, generator=g))
-            for s in range(0, n, bs):
-                idx = perm[s : s + bs]
-                xb = num.batch(src[idx])
-                if images and self.augment:
-                    xb = flip_crop(xb, g=g_aug)
-                with num.autocast():
-                    loss = F.cross_entropy(module(xb), ys[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        module.eval()
+
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def cross_entropy_loss(module: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
+    return F.cross_entropy(module(xb), yb)
+
+
+def train_loop(
+    module: nn.Module,
+    inputs: Tensor,
+    y: Tensor,
+    ctx: RunContext,
+    groups: list[dict],
+    *,
+    epochs: int,
+    batch_size: int,
+    g: torch.Generator,
+    optimizer: Literal["adam", "sgd"] = "sgd",
+    weight_decay: float = 0.0,
+    augment: bool = False,
+    loss_fn: LossFn = cross_entropy_loss,
+    desc: str = "train",
+) -> None:
+    """Minibatch training of `module` on `inputs` (images, or memoised features/activations) and labels `y`:
+    the probe's loop, shared by every defense that trains the probe's scope itself. `groups` are optimiser
+    parameter groups (each with its `lr`); `loss_fn(module, xb, yb)` (default: CE of module(xb)) lets a method
+    add its own terms; `augment` = crop + flip on image batches. Batches are drawn from `g`; the forward runs
+    under the run's autocast. Leaves `module` in eval mode."""
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(groups, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer={optimizer!r}; choose sgd or adam")
+    n = len(y)
+    num = ctx.num
+    # inputs and labels on the device once
+    src, ys = num.resident(inputs), num.resident(y)
+    g_aug = num.generator(g)
+    module.train()
+    bar = tqdm(range(epochs), desc=desc, disable=not ctx.progress or epochs * n < 200_000, leave=False)
+    for _ in bar:
+        perm = num.put(torch.randperm(n, generator=g))
+        for s in range(0, n, batch_size):
+            idx = perm[s : s + batch_size]
+            xb = num.batch(src[idx])
+            if augment:
+                xb = flip_crop(xb, g=g_aug)
+            with num.autocast():
+                loss = loss_fn(module, xb, ys[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    module.eval()
 
 
 @torch.no_grad()
