@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from securetl.numerics import Numerics, take
+from securetl.probe import per_sample_loss as _per_sample_loss
 
+from .._splits import class_aware_split, lowest, meta_scores
 from .channels import MaskedBN, Tail
 
 
@@ -164,20 +166,12 @@ class Trainer:
             params[n][frozen] = old[frozen]
 
 
-@torch.no_grad()
 def per_sample_loss(
     model: nn.Module, acts: Tensor, y: Tensor, batch: int = 1024, num: Numerics | None = None
 ) -> Tensor:
-    """Cross-entropy of every sample, on the host (selection happens there)."""
-    num = num or Numerics.resolve(acts.device)
-    model.eval()
-    yd = num.put(y)
-    with num.autocast():
-        out = [
-            F.cross_entropy(model(acts[i : i + batch]).float(), yd[i : i + batch], reduction="none")
-            for i in range(0, len(y), batch)
-        ]
-    return torch.cat(out).cpu()
+    """Cross-entropy of every sample, on the host (selection happens there): securetl.probe.per_sample_loss on
+    memoised activations."""
+    return _per_sample_loss(model, (acts, y), num or Numerics.resolve(acts.device), batch=batch)
 
 
 def balanced_quotas(y: Tensor, rho: float) -> Tensor:
@@ -187,36 +181,18 @@ def balanced_quotas(y: Tensor, rho: float) -> Tensor:
     return torch.round(rho * counts.double()).long()
 
 
-def _ranks(x: Tensor) -> Tensor:
-    """0 for the smallest value, len - 1 for the largest."""
-    r = torch.empty(len(x), dtype=torch.long)
-    r[torch.argsort(x, stable=True)] = torch.arange(len(x))
-    return r
-
-
-def meta_scores(loss1: Tensor, loss2: Tensor, mode: str = "reduction") -> Tensor:
-    """Meta-guided expansion's score, lowest first: the loss reduction Loss1 - Loss2, or (rank_sum) its rank
-    plus the rank of Loss1."""
-    reduction = loss1 - loss2
-    return reduction if mode == "reduction" else _ranks(reduction) + _ranks(loss1)
-
-
 def _pick(
     score: Tensor, rest: Tensor, y: Tensor, pool: Tensor, add: int, quotas: Tensor | None, left: int
 ) -> Tensor:
     """Indices (into D) to move into the pool: lowest score first, globally or per class within its quota."""
     if quotas is None:
-        return rest[torch.argsort(score)[:add]]
-    chosen = []
-    y_rest = y[rest]
+        return rest[lowest(score, add)]
+    takes = torch.zeros(len(quotas), dtype=torch.long)
     for c in range(len(quotas)):
         need = int(quotas[c]) - int((pool & (y == c)).sum())
-        if need <= 0:
-            continue
-        in_c = torch.nonzero(y_rest == c).squeeze(1)
-        take = (need + left - 1) // left  # spread what this class still needs over the steps left
-        chosen.append(rest[in_c[torch.argsort(score[in_c])[:take]]])
-    return torch.cat(chosen) if chosen else rest[:0]
+        if need > 0:
+            takes[c] = (need + left - 1) // left  # spread what this class still needs over the steps left
+    return rest[class_aware_split(score, y[rest], takes)]
 
 
 def bootstrap(

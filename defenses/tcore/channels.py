@@ -7,7 +7,8 @@
   channel filtering     channels with m >= sigma are trusted (chi); the rest (psi) were not needed for clean
                         recovery, which is where a backdoor lives.
 
-A channel is a BatchNorm channel: the mask scales that BN's affine weight and bias (as in RNP's masked BN).
+A channel is a BatchNorm channel: the mask scales that BN's affine weight and bias (as in RNP's masked BN). The
+masked BN, unlearning and mask recovery are the shared ones of defenses/_pruning.py (RNP and ANP use them too).
 """
 
 from __future__ import annotations
@@ -16,34 +17,24 @@ import copy
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from securetl.numerics import Numerics
 
+from .._pruning import MaskedBN, accuracy, mask_bns, masked_bns, unmask
+from .._pruning import recover_masks as _recover_masks
+from .._pruning import unlearn as _unlearn
 
-class MaskedBN(nn.BatchNorm2d):
-    """BatchNorm2d whose affine output is scaled per channel by `mask` (fixed at 1 unless trained)."""
-
-    @classmethod
-    def from_bn(cls, bn: nn.BatchNorm2d) -> MaskedBN:
-        dev = bn.weight.device  # built where the BN it replaces lives
-        m = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=True, track_running_stats=True)
-        m.to(dev).load_state_dict(bn.state_dict())
-        m.mask = nn.Parameter(torch.ones(bn.num_features, device=dev), requires_grad=False)
-        return m
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.batch_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight * self.mask,
-            self.bias * self.mask,
-            self.training,
-            self.momentum,
-            self.eps,
-        )
+__all__ = [
+    "MaskedBN",
+    "Tail",
+    "accuracy",
+    "recover_masks",
+    "reinit_untrusted",
+    "unlearn",
+    "unmask",
+    "untrusted_from_masks",
+]
 
 
 class Tail(nn.Module):
@@ -53,7 +44,7 @@ class Tail(nn.Module):
         super().__init__()
         self.stages = nn.ModuleList(copy.deepcopy(stages))
         for stage in self.stages:
-            _swap_bn(stage)
+            mask_bns(stage)
         for name, p in self.stages.named_parameters():
             p.requires_grad_(not name.endswith(".mask"))  # the encoder arrives frozen
         self.head = nn.Linear(feat_dim, num_classes)
@@ -67,54 +58,13 @@ class Tail(nn.Module):
         return self.head(self.features(h))
 
     def bns(self) -> Iterator[tuple[str, MaskedBN]]:
-        for name, m in self.stages.named_modules():
-            if isinstance(m, MaskedBN):
-                yield name, m
+        return masked_bns(self.stages)
 
     def masks(self) -> dict[str, Tensor]:
         return {n: m.mask.detach().clone() for n, m in self.bns()}
 
     def n_channels(self) -> int:
         return sum(m.num_features for _, m in self.bns())
-
-
-def _swap_bn(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, MaskedBN):
-            setattr(module, name, MaskedBN.from_bn(child))
-        else:
-            _swap_bn(child)
-
-
-def unmask(module: nn.Module) -> nn.Module:
-    """Turn MaskedBN layers back into plain BatchNorm2d with the mask folded into weight and bias."""
-    for name, child in module.named_children():
-        if isinstance(child, MaskedBN):
-            bn = nn.BatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum)
-            bn.to(child.weight.device)
-            with torch.no_grad():
-                bn.weight.copy_(child.weight * child.mask)
-                bn.bias.copy_(child.bias * child.mask)
-                bn.running_mean.copy_(child.running_mean)
-                bn.running_var.copy_(child.running_var)
-            bn.train(child.training)
-            setattr(module, name, bn)
-        else:
-            unmask(child)
-    return module
-
-
-@torch.no_grad()
-def accuracy(tail: Tail, acts: Tensor, y: Tensor, batch: int = 1024, num: Numerics | None = None) -> float:
-    num = num or Numerics.resolve(acts.device)
-    tail.eval()
-    y = num.put(y)
-    with num.autocast():
-        correct = sum(
-            (tail(num.put(acts[i : i + batch])).argmax(1) == y[i : i + batch]).sum()
-            for i in range(0, len(y), batch)
-        )
-    return int(correct) / max(1, len(y))  # one host read
 
 
 def unlearn(
@@ -133,31 +83,23 @@ def unlearn(
 
     Accuracy is checked after every step: with momentum, ten steps can carry it from above the threshold to
     half of it, and how far unlearning overshoots decides how many masks recovery pulls down."""
-    num = num or Numerics.resolve(acts.device)
     params = [p for _, m in tail.bns() for p in (m.weight, m.bias)]
-    for p in tail.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    n, steps = len(y), 0
-    y = num.put(y)
-    probe_idx = num.put(torch.randperm(n, generator=g)[:512])
-    acc = accuracy(tail, acts[probe_idx], y[probe_idx], num=num)
-    tail.eval()  # running statistics stay those of the model being analysed
-    while acc >= threshold and steps < max_steps:
-        b = num.put(torch.randint(0, n, (batch_size,), generator=g))
-        with num.autocast():
-            loss = -F.cross_entropy(tail(acts[b]), y[b])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
-        if steps % check_every == 0:
-            acc = accuracy(tail, acts[probe_idx], y[probe_idx], num=num)
+    info = _unlearn(
+        tail,
+        acts,
+        y,
+        g,
+        params,
+        threshold=threshold,
+        lr=lr,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        check_every=check_every,
+        num=num or Numerics.resolve(acts.device),
+    )
     for name, p in tail.named_parameters():
         p.requires_grad_(not name.endswith(".mask"))
-    return {"unlearn_steps": steps, "unlearn_acc": acc}
+    return {"unlearn_steps": info["steps"], "unlearn_acc": info["acc"]}
 
 
 def recover_masks(
@@ -171,32 +113,20 @@ def recover_masks(
     batch_size: int = 128,
     num: Numerics | None = None,
 ) -> dict[str, Tensor]:
-    """Learn per-channel masks (everything else frozen) that restore accuracy on the clean subset."""
-    num = num or Numerics.resolve(acts.device)
-    y = num.put(y)
-    for p in tail.parameters():
-        p.requires_grad_(False)
-    masks = []
-    for _, m in tail.bns():
-        m.mask.requires_grad_(True)
-        masks.append(m.mask)
-    opt = torch.optim.SGD(masks, lr=lr, momentum=0.9)
-    tail.eval()
-    n = len(y)
-    for _ in range(epochs):
-        perm = num.put(torch.randperm(n, generator=g))
-        for s in range(0, n, batch_size):
-            b = perm[s : s + batch_size]
-            with num.autocast():
-                loss = F.cross_entropy(tail(acts[b]), y[b]) + l1 * sum(m.abs().sum() for m in masks)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for m in masks:
-                    m.clamp_(0.0, 1.0)
-    for m in masks:
-        m.requires_grad_(False)
+    """Learn per-channel masks (everything else frozen) that restore accuracy on the clean subset, with an L1 pull
+    towards 0; BN on the analysed model's running statistics."""
+    _recover_masks(
+        tail,
+        acts,
+        y,
+        g,
+        epochs=epochs,
+        lr=lr,
+        l1=l1,
+        batch_size=batch_size,
+        train_mode=False,
+        num=num or Numerics.resolve(acts.device),
+    )
     return tail.masks()
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from securetl.interfaces import LabeledSet, Model, RunContext
 from securetl.numerics import Numerics, rand, randint
+from securetl.progress import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def batched_forward(
     # one autocast region for the whole pass (it keeps its weight casts for the region), the trigger
     # excepted
     with num.autocast():
-        for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
+        for i in tqdm(range(0, len(images), batch), desc=desc, disable=bar_disabled(progress), leave=False):
             xb = num.batch(src[i : i + batch])
             if transform is not None:
                 with num.full_precision():
@@ -340,7 +341,9 @@ def train_loop(
     src, ys = num.resident(inputs), num.resident(y)
     g_aug = num.generator(g)
     module.train()
-    bar = tqdm(range(epochs), desc=desc, disable=not ctx.progress or epochs * n < 200_000, leave=False)
+    bar = tqdm(
+        range(epochs), desc=desc, disable=bar_disabled(ctx.progress) or epochs * n < 200_000, leave=False
+    )
     for _ in bar:
         perm = num.put(torch.randperm(n, generator=g))
         for s in range(0, n, batch_size):
@@ -363,8 +366,51 @@ def predict(model: nn.Module, x: Tensor, ctx: RunContext, transform=None, batch:
     return batched_forward(lambda xb: model(xb).argmax(1), x, ctx, batch=batch, transform=transform).long()
 
 
+def symmetric_ce(
+    logits: Tensor, y: Tensor, alpha: float = 0.1, beta: float = 1.0, reduction: str = "mean"
+) -> Tensor:
+    """Symmetric cross-entropy (Wang et al., ICCV 2019), as DBD and ASD use it to rank samples by loss:
+    alpha CE + beta RCE, where the reverse CE -sum_k p_k log q_k reads the softmax p (clamped to [1e-7, 1]) against
+    the one-hot label q clamped to [1e-4, 1] (SCLBD/DBD model/loss.py). RCE is bounded, so a mislabelled sample's
+    loss does not run off the way CE's does."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, y, reduction="none")
+    p = logits.softmax(1).clamp(1e-7, 1.0)
+    q = F.one_hot(y, logits.shape[1]).float().clamp(1e-4, 1.0)
+    out = alpha * ce - beta * (p * q.log()).sum(1)
+    if reduction == "mean":
+        return out.mean()
+    if reduction == "none":
+        return out
+    raise ValueError(f"reduction={reduction!r}; choose mean or none")
+
+
+def sample_losses(
+    logits: Tensor, y: Tensor, loss: str = "ce", alpha: float = 0.1, beta: float = 1.0
+) -> Tensor:
+    """Per-sample loss of logits: `ce`, or `sce` (symmetric CE with weights alpha, beta)."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if loss == "sce":
+        return symmetric_ce(logits, y, alpha, beta, reduction="none")
+    raise ValueError(f"loss={loss!r}; choose ce or sce")
+
+
 @torch.no_grad()
-def per_sample_loss(model: nn.Module, data: LabeledSet, ctx: RunContext, batch: int = 512) -> Tensor:
-    ctx.num.module(model.eval())
-    logits = batched_forward(model, data.x, ctx, batch=batch, keep_on_device=True)
-    return F.cross_entropy(logits, ctx.num.put(data.y), reduction="none").cpu()
+def per_sample_loss(
+    model: nn.Module,
+    data: LabeledSet | tuple[Tensor, Tensor],
+    where: RunContext | Numerics | torch.device,
+    batch: int = 512,
+    loss: str = "ce",
+    alpha: float = 0.1,
+    beta: float = 1.0,
+) -> Tensor:
+    """The loss of every sample under `model` (eval mode), on the host where selections happen. `data`: a
+    LabeledSet of images, or (inputs, labels) for a module that reads memoised features/activations; `loss`: ce |
+    sce (symmetric CE, weights alpha and beta)."""
+    x, y = (data.x, data.y) if isinstance(data, LabeledSet) else data
+    num = as_numerics(where)
+    num.module(model.eval())
+    logits = batched_forward(model, x, num, batch=batch, keep_on_device=True)
+    return sample_losses(logits, num.put(y), loss, alpha, beta).cpu()

@@ -1,0 +1,158 @@
+"""Fine-Pruning -- Liu, Dolan-Gavitt & Garg, "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural
+Networks", RAID 2018; and FT (fine-tuning on clean data), its zero-prune setting.
+
+Reference code read: SCLBD/BackdoorBench defense/fp.py, config/defense/fp/cifar10.yaml, defense/ft.py,
+config/defense/ft/cifar10.yaml; vtu81/backdoor-toolbox other_defenses_tool_box/fine_pruning.py (prunes up to 95 %,
+an absolute 0.2 drop, 10 fine-tuning epochs). Needs clean labelled data (BackdoorBench: ratio 0.05).
+
+  activations  the mean, over clean data, of every channel entering the final linear layer (M0's penultimate
+               layer: the pooled output of its last stage)
+  prune        in ascending order of activation (dormant channels first), `prune_step` of the channels at a time
+               (once_prune_ratio 0.01), by zeroing the head's weight columns; stop at the last step whose clean
+               accuracy is within `acc_ratio` (0.1, relative) of the unpruned accuracy
+  fine-tune    the model on the clean data, the pruned columns held at zero (torch prune's mask, as BackdoorBench):
+               SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, 100 epochs
+
+FT is the same fine-tuning with nothing pruned (`prune_step: 0`; BackdoorBench ft.py: 100 epochs on 5 %).
+
+The stopping rule is measured on the held-out part of the clean share (BASELINES.md 2.10: both suites measure it on
+the clean test set); the channels are ranked on the rest; the fine-tuning then uses the whole clean share (no
+selection follows it). What is fine-tuned is the probe's trainable part of M0: its head and top stages under
+probe=finetune, its head alone under a frozen encoder (probe=linear/mlp: pruning and fine-tuning act on the head's
+input columns only -- a legitimate but weak baseline). The probe's head standardises its input first, so a zeroed
+column holds that channel at its training mean rather than at 0 (alike for a dormant channel). Deviations: a constant learning rate (BackdoorBench: cosine;
+securetl.probe.train_loop has no schedule); no crop/flip augmentation (the clean data are memoised activations, as
+in the probe's own loop); the number pruned is exactly the step's count (BackdoorBench prunes one fewer); the model
+kept is the last passing step's (BackdoorBench's net is the same object as the failing step's, so it keeps the
+over-pruned mask).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
+from securetl.probe import _Tail, train_loop
+
+from ._features import Scope, reference_model
+from ._pruning import clean_split, prune, require_clean, sweep
+
+log = logging.getLogger(__name__)
+
+
+def first_linear(head: nn.Module) -> nn.Linear:
+    """The head's first linear layer: the one the penultimate channels enter (after its standardisation)."""
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            return m
+    raise ValueError("fine-pruning: the head has no nn.Linear whose input columns could be pruned")
+
+
+class FinePruning(Defense):
+    name = "fp"
+    knowledge = Knowledge(clean_fraction=0.05, needs_clean=True)
+
+    def __init__(
+        self,
+        prune_step: float = 0.01,
+        acc_ratio: float = 0.1,
+        epochs: int = 100,
+        lr: float = 0.01,
+        weight_decay: float = 5e-4,
+        batch_size: int = 256,
+        holdout: float = 0.2,
+        clean_fraction: float | None = None,
+    ) -> None:
+        super().__init__(clean_fraction)
+        if not 0.0 <= prune_step <= 1.0:
+            raise ValueError(f"defense.prune_step={prune_step} must lie in [0, 1] (0 = FT: nothing pruned)")
+        self.prune_step, self.acc_ratio, self.holdout = prune_step, acc_ratio, holdout
+        self.epochs, self.lr, self.weight_decay, self.batch_size = (
+            int(epochs),
+            lr,
+            weight_decay,
+            int(batch_size),
+        )
+        if prune_step == 0:
+            self.name = "ft"
+
+    def train(self, encoder: nn.Module, train: LabeledSet, probe: Any, ctx: RunContext) -> Model:
+        clean = require_clean(ctx, self.name)
+        g = ctx.generator(salt=21001)
+        m0 = reference_model(encoder, train, probe, ctx)
+        model = copy.deepcopy(m0)
+        scope = Scope.of(encoder, probe, clean.x, ctx)  # what enters the probe's trainable part, memoised
+        module = model.head if scope.start is None else _Tail(model.encoder, scope.start, model.head)
+        linear = first_linear(model.head)
+        n_pruned = 0
+        if self.prune_step > 0:
+            fit, held = clean_split(ctx, self.holdout, g, self.name)
+            n_pruned = self._prune(module, linear, scope, fit, held, ctx)
+        groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": self.lr}]
+        train_loop(
+            module,
+            scope.inputs,
+            clean.y,
+            ctx,
+            groups,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            g=g,
+            optimizer="sgd",
+            weight_decay=self.weight_decay,
+            desc=self.name,
+        )
+        if n_pruned:
+            torch_prune.remove(linear, "weight")  # the zeroed columns become plain zeros in the weight
+        self.diagnostics[f"{self.name}/n_clean"] = len(clean)
+        self.diagnostics[f"{self.name}/epochs"] = self.epochs
+        return model.eval()
+
+    def _prune(
+        self, module: nn.Module, linear: nn.Linear, scope: Scope, fit: LabeledSet, held: LabeledSet, ctx
+    ) -> int:
+        """Rank the head's input channels by mean clean activation, choose how many to prune on the holdout, zero
+        those columns of `linear` and keep them at zero (a pruning mask) through fine-tuning."""
+        dev = ctx.device
+        act = Scope.penultimate(module, scope.inputs_for(fit.x, ctx), dev).mean(0)
+        f_held = Scope.penultimate(module, scope.inputs_for(held.x, ctx), dev)
+        scores = {"w": act}
+        head = module.head if isinstance(module, _Tail) else module
+
+        def acc_with(k: int) -> float:
+            h = copy.deepcopy(head)
+            prune({"w": first_linear(h).weight}, scores, number=k, dim=1)
+            pred = Scope.logits(h, f_held, dev).argmax(1)
+            return float((pred == held.y).float().mean())
+
+        channels = len(act)
+        step = max(1, math.ceil(channels * self.prune_step))
+        base = acc_with(0)
+        k, accs = sweep(list(range(0, channels, step)), acc_with, base, self.acc_ratio, stop_at_failure=True)
+        k = k or 0
+        chosen = prune({"w": linear.weight}, scores, number=k, dim=1)["w"]
+        if k:
+            keep = (~chosen).to(linear.weight.device, linear.weight.dtype).expand_as(linear.weight)
+            torch_prune.custom_from_mask(linear, "weight", keep.clone())
+        n = self.name
+        self.decisions["pruned_channels"] = torch.nonzero(chosen).squeeze(1).tolist()
+        self.diagnostics.update(
+            {
+                f"{n}/channels": channels,
+                f"{n}/pruned": k,
+                f"{n}/holdout_acc_m0": base,
+                f"{n}/holdout_acc_pruned": accs[k // step] if accs else base,
+                f"{n}/sweep_holdout_acc": [round(a, 4) for a in accs],
+            }
+        )
+        log.info(
+            "%s: %d of %d channels pruned, holdout acc %.3f -> %.3f", n, k, channels, base, accs[k // step]
+        )
+        return k

@@ -1,0 +1,385 @@
+"""The removal baselines that prune (issue 21, part 1): FT/Fine-Pruning, ANP and RNP, and the shared channel machinery
+(defenses/_pruning.py) T-Core's channel filter now uses. Pruning zeroes exactly what its scores select; ANP's noise
+stays in its box; the masked BN computes what T-Core's did; every method runs end to end through the real pipeline,
+sees no test data, and refuses to run without clean data."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from securetl.defenses import _pruning
+from securetl.defenses._pruning import (
+    MaskedBN,
+    bn_weights,
+    mask_bns,
+    masked_bns,
+    masks,
+    prune,
+    recover_masks,
+    select,
+    sweep,
+    unlearn,
+    unmask,
+    within,
+)
+from securetl.defenses.anp import ANP, optimize_masks
+from securetl.defenses.fp import FinePruning
+from securetl.defenses.rnp import RNP
+from securetl.encoders.resnet import cifar_resnet18
+from securetl.interfaces import LabeledSet, RunContext
+from securetl.pipeline import run
+from securetl.probe import Probe, _Tail
+from securetl.validate import ConfigError
+
+
+def _tail(width: int = 4, classes: int = 3, n_stages: int = 2, seed: int = 0) -> _Tail:
+    """The top stages of a small encoder + a linear head, with BN weights and statistics that are not the
+    initial ones (so a zero is a pruned channel, and running statistics matter)."""
+    torch.manual_seed(seed)
+    enc = cifar_resnet18(width).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return _Tail(enc, len(enc.stages) - n_stages, nn.Linear(enc.feat_dim, classes)).eval()
+
+
+def _acts(tail: _Tail, n: int, seed: int = 0) -> torch.Tensor:
+    """Inputs of the tail's first stage for a width-4 CIFAR ResNet (stage 3 reads 8 x 16 x 16)."""
+    first = tail.stages[0]
+    c_in = next(m for m in first.modules() if isinstance(m, nn.Conv2d)).in_channels
+    return torch.randn(n, c_in, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- pruning
+def test_prune_by_threshold_zeroes_exactly_the_selected_channels_and_nothing_else():
+    tail = _tail()
+    g = torch.Generator().manual_seed(1)
+    weights = bn_weights(tail)
+    scores = {n: torch.rand(w.numel(), generator=g) for n, w in weights.items()}
+    before = copy.deepcopy(tail.state_dict())
+    chosen = prune(weights, scores, threshold=0.3)
+    after = tail.state_dict()
+    n_zeroed = 0
+    for name, w in weights.items():
+        want = scores[name] <= 0.3  # both codes' rule: mask <= threshold
+        assert torch.equal(chosen[name], want)
+        assert (w.detach()[want] == 0).all()
+        assert torch.equal(w.detach()[~want], before[f"{name}.weight"][~want])  # bit-identical
+        n_zeroed += int(want.sum())
+    assert 0 < n_zeroed < sum(w.numel() for w in weights.values())
+    pruned_keys = {f"{n}.weight" for n in weights}
+    for key, value in before.items():  # every other tensor: biases, statistics, convs, head
+        if key not in pruned_keys:
+            assert torch.equal(after[key], value), key
+
+
+def test_prune_by_number_takes_the_lowest_scores_over_all_layers():
+    tail = _tail()
+    weights = bn_weights(tail)
+    g = torch.Generator().manual_seed(2)
+    scores = {n: torch.rand(w.numel(), generator=g) for n, w in weights.items()}
+    before = {n: w.detach().clone() for n, w in weights.items()}
+    chosen = prune(weights, scores, number=17)
+    flat = torch.cat(list(scores.values()))
+    cut = flat.sort().values[16]
+    for name, w in weights.items():
+        assert torch.equal(chosen[name], scores[name] <= cut)
+        assert torch.equal(w.detach()[~chosen[name]], before[name][~chosen[name]])
+        assert (w.detach()[chosen[name]] == 0).all()
+    assert sum(int(c.sum()) for c in chosen.values()) == 17
+    assert sum(int((w.detach() == 0).sum()) for w in weights.values()) == 17
+    with pytest.raises(ValueError):
+        select(scores)  # neither a threshold nor a number
+    with pytest.raises(ValueError):
+        select(scores, threshold=0.1, number=3)
+
+
+def test_prune_columns_of_a_linear_layer():
+    lin = nn.Linear(6, 3)
+    before = lin.weight.detach().clone()
+    bias = lin.bias.detach().clone()
+    scores = {"w": torch.tensor([0.5, 0.1, 0.9, 0.0, 0.3, 0.7])}
+    chosen = prune({"w": lin.weight}, scores, number=3, dim=1)["w"]
+    assert chosen.tolist() == [False, True, False, True, True, False]
+    assert (lin.weight.detach()[:, chosen] == 0).all()
+    assert torch.equal(lin.weight.detach()[:, ~chosen], before[:, ~chosen])
+    assert torch.equal(lin.bias.detach(), bias)
+
+
+def test_holdout_rule_and_sweep():
+    assert within(0.82, 0.9, 0.1) and not within(0.80, 0.9, 0.1)  # relative: 10 % of 0.9 = 0.09
+    assert within(0.95, 0.9, 0.0) and within(0.0, 0.0, 0.1)  # a rise always passes
+    accs = {0: 0.9, 1: 0.85, 2: 0.7, 3: 0.84, 4: 0.6}
+    # ANP / RNP: the most pruning that passes anywhere in the sweep
+    assert sweep(list(accs), accs.get, 0.9, 0.1, stop_at_failure=False) == (3, list(accs.values()))
+    # Fine-Pruning: pruning stops at the first failing step
+    assert sweep(list(accs), accs.get, 0.9, 0.1, stop_at_failure=True) == (1, [0.9, 0.85, 0.7])
+    assert sweep([1, 2], {1: 0.1, 2: 0.2}.get, 0.9, 0.1, stop_at_failure=False)[0] is None
+
+
+# --------------------------------------------------------------------------- masked BN
+def test_masked_bn_computes_what_tcores_did():
+    from securetl.defenses.tcore import channels
+
+    assert channels.MaskedBN is MaskedBN and channels.unmask is unmask  # one implementation
+    tail = _tail()
+    bn = next(m for m in tail.modules() if isinstance(m, nn.BatchNorm2d))
+    x = torch.randn(6, bn.num_features, 5, 5)
+    for mask_bias in (True, False):
+        m = MaskedBN.from_bn(bn, mask_bias=mask_bias)
+        assert torch.equal(m.mask, torch.ones(bn.num_features)) and not m.mask.requires_grad
+        for mode in (False, True):  # mask 1 = the BN itself, bit for bit, in eval and train mode
+            ref, msk = copy.deepcopy(bn).train(mode), copy.deepcopy(m).train(mode)
+            assert torch.equal(msk(x), ref(x))
+        m.eval()
+        with torch.no_grad():
+            m.mask.uniform_(0, 1)
+        bias = bn.bias * m.mask if mask_bias else bn.bias
+        want = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight * m.mask, bias, False, 0.1, bn.eps)
+        assert torch.equal(m(x), want)
+        holder = nn.Sequential(m)
+        folded = unmask(holder)[0]
+        assert type(folded) is nn.BatchNorm2d
+        assert torch.allclose(folded(x), want, atol=1e-6)
+    # T-Core's Tail masks weight and bias, as before
+    t = channels.Tail([tail.stages[-1]], 32, 3)
+    assert all(m.mask_bias for _, m in t.bns()) and t.n_channels() > 0
+
+
+def test_recover_masks_touches_only_masks_and_keeps_them_in_unit_interval():
+    work = mask_bns(copy.deepcopy(_tail()), mask_bias=False)
+    acts, y = _acts(work, 48), torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(3))
+    before = {k: v.clone() for k, v in work.state_dict().items() if not k.endswith(".mask")}
+    ms = recover_masks(work, acts, y, torch.Generator().manual_seed(0), epochs=3, lr=5.0, alpha=0.2)
+    assert set(ms) == {n for n, _ in masked_bns(work)}
+    flat = torch.cat(list(ms.values()))
+    assert flat.min() >= 0 and flat.max() <= 1 and (flat < 1).any()
+    after = work.state_dict()
+    for k, v in before.items():
+        if "running" in k or "num_batches" in k:
+            continue  # train mode (RNP's codes) moves the statistics of this throwaway copy
+        assert torch.equal(after[k], v), k
+
+
+def test_unlearn_per_epoch_stops_at_the_threshold_and_restores_requires_grad():
+    work = mask_bns(copy.deepcopy(_tail(classes=2)), mask_bias=False)
+    acts = _acts(work, 64, seed=4)
+    y = (acts.mean(dim=(1, 2, 3)) > 0).long()
+    # fit the toy first, so there is something to unlearn
+    opt = torch.optim.SGD([p for n, p in work.named_parameters() if not n.endswith(".mask")], lr=0.05)
+    for _ in range(60):
+        loss = F.cross_entropy(work.train()(acts), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    flags = {n: p.requires_grad for n, p in work.named_parameters()}
+    weights = [p for n, p in work.named_parameters() if not n.endswith(".mask")]
+    info = unlearn(
+        work,
+        acts,
+        y,
+        torch.Generator().manual_seed(0),
+        weights,
+        threshold=0.2,
+        lr=0.05,
+        batch_size=16,
+        epochs=30,
+    )
+    assert info["acc"] <= 0.2 and info["epochs"] < 30
+    assert {n: p.requires_grad for n, p in work.named_parameters()} == flags
+    assert all(float(m) == 1.0 for m in torch.cat(list(masks(work).values())))  # masks are not unlearned
+
+
+# --------------------------------------------------------------------------- ANP
+def test_anp_perturbation_stays_within_eps_and_masks_within_unit_interval():
+    eps = 0.3
+    work = mask_bns(copy.deepcopy(_tail()), mask_bias=False, noise=True)
+    acts, y = _acts(work, 40), torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(5))
+    seen = []
+
+    def record(module, inputs, output):
+        if module.perturbed:
+            seen.append(float(torch.cat([module.noise_weight, module.noise_bias]).detach().abs().max()))
+
+    for _, m in masked_bns(work):
+        m.register_forward_hook(record)
+    # three signed steps of eps / 3 from a random start in the box would reach 2 eps unprojected
+    info = optimize_masks(
+        work, acts, y, torch.Generator().manual_seed(0), eps=eps, steps=3, lr=1.0, iterations=6, batch_size=16
+    )
+    assert seen and max(seen) <= eps + 1e-7 and info["max_noise"] <= eps + 1e-7
+    assert max(seen) > 0.9 * eps  # the noise is used, up to its bound
+    flat = torch.cat(list(masks(work).values()))
+    assert flat.min() >= 0 and flat.max() <= 1 and (flat < 1).any()
+    assert not any(m.perturbed for _, m in masked_bns(work))
+    # the perturbed coefficients: gamma (m + delta) and beta (1 + xi), as the reference NoisyBatchNorm2d
+    _, bn = next(masked_bns(work))
+    bn.eval()
+    with torch.no_grad():
+        bn.noise_weight.uniform_(-eps, eps)
+        bn.noise_bias.uniform_(-eps, eps)
+    bn.perturbed = True
+    x = torch.randn(4, bn.num_features, 3, 3)
+    want = F.batch_norm(
+        x,
+        bn.running_mean,
+        bn.running_var,
+        bn.weight * (bn.mask + bn.noise_weight),
+        bn.bias * (1 + bn.noise_bias),
+        False,
+        0.1,
+        bn.eps,
+    )
+    assert torch.allclose(bn(x), want)
+
+
+# --------------------------------------------------------------------------- end to end
+FAST = {
+    "ft": ["defense.epochs=2"],
+    "fp": ["defense.epochs=2"],
+    "anp": ["defense.nb_iter=4", "defense.batch_size=16"],
+    "rnp": ["defense.unlearning_epochs=2", "defense.recovering_epochs=2"],
+}
+CLASS = {"ft": FinePruning, "fp": FinePruning, "anp": ANP, "rnp": RNP}
+# probe=finetune at TINY sizes: the one-epoch width-4 encoder has dead features, which the head's standardisation
+# blows up at the probe's learning rates (NaN); these keep M0 finite
+FINETUNE = ["probe=finetune", "probe.lr=0.001", "probe.encoder_lr=0.0001"]
+KEYS = {
+    "ft": ["ft/n_clean", "ft/epochs"],
+    "fp": ["fp/channels", "fp/pruned", "fp/holdout_acc_m0", "fp/holdout_acc_pruned", "fp/sweep_holdout_acc"],
+    "anp": ["anp/channels", "anp/pruned", "anp/pruned_per_stage", "anp/max_noise", "anp/holdout_acc_m0"],
+    "rnp": ["rnp/channels", "rnp/pruned", "rnp/unlearn_epochs", "rnp/unlearn_acc", "rnp/holdout_acc"],
+}
+
+
+def _rows(x: torch.Tensor) -> set[bytes]:
+    return {bytes(r.numpy().tobytes()) for r in x}
+
+
+def _run_and_spy(compose_cfg, monkeypatch, method: str, overrides: list[str]):
+    """Run the pipeline with `defense=method`; record what the method's train received and returned, and the
+    splits the pipeline built."""
+    import securetl.pipeline as pipeline
+
+    cls, seen, built = CLASS[method], {}, {}
+    real_train, real_build = cls.train, pipeline.build
+
+    def train(self, encoder, train, probe, ctx):
+        seen.update(train=train, ctx=ctx, probe=probe)
+        before = copy.deepcopy(encoder.state_dict())
+        seen["model"] = real_train(self, encoder, train, probe, ctx)
+        after = encoder.state_dict()
+        seen["encoder_untouched"] = all(torch.equal(after[k], v) for k, v in before.items())
+        return seen["model"]
+
+    def build(node, **kw):
+        out = real_build(node, **kw)
+        if str(node.get("_target_", "")).endswith("build_synthetic"):
+            built["splits"] = out
+        return out
+
+    monkeypatch.setattr(cls, "train", train)
+    monkeypatch.setattr(pipeline, "build", build)
+    row = run(compose_cfg([f"defense={method}", "data_attack=badnets", *FAST[method], *overrides]))
+    return row, seen, built["splits"]
+
+
+def _check_no_test_data(seen, splits) -> None:
+    train, ctx = seen["train"], seen["ctx"]
+    assert type(train) is LabeledSet and [f.name for f in dataclasses.fields(train)] == ["x", "y"]
+    fields = {f.name for f in dataclasses.fields(RunContext)}
+    assert not fields & {"test", "splits", "poison_idx", "poisoned", "poison_rate", "target", "attack"}
+    for value in vars(ctx).values():  # nothing in the context is (a view of) the test images
+        if isinstance(value, torch.Tensor):
+            assert value.data_ptr() != splits.test.x.data_ptr()
+    assert ctx.clean is not None and len(ctx.clean) == 20  # 0.05 x 300: 2 per class
+    assert not _rows(ctx.clean.x) & _rows(splits.test.x)
+    assert not _rows(ctx.clean.x) & _rows(train.x)
+
+
+def _check_model(method: str, seen: dict, d: dict) -> None:
+    """The returned model carries exactly the pruning the diagnostics report; the received encoder is not touched
+    (the repaired model is a copy)."""
+    model = seen["model"]
+    assert seen["encoder_untouched"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if method in ("anp", "rnp"):
+        start = d[f"{method}/first_stage"]
+        zeros = [
+            int((m.weight == 0).sum())
+            for s in model.encoder.stages[start:]
+            for m in s.modules()
+            if isinstance(m, nn.BatchNorm2d)
+        ]
+        assert sum(zeros) == d[f"{method}/pruned"] == sum(d[f"{method}/pruned_per_stage"])
+    if method == "fp":
+        lin = next(m for m in model.head.modules() if isinstance(m, nn.Linear))
+        assert not hasattr(lin, "weight_orig")  # the pruning mask is folded after fine-tuning
+        assert int((lin.weight == 0).all(0).sum()) == d["fp/pruned"]
+
+
+@pytest.mark.parametrize("method", list(FAST))
+def test_runs_end_to_end_under_linear_probe_and_sees_no_test_data(compose_cfg, monkeypatch, method):
+    row, seen, splits = _run_and_spy(compose_cfg, monkeypatch, method, [])
+    d = row["diagnostics"]
+    for key in KEYS[method]:
+        assert key in d, key
+    assert row["knowledge"]["needs_clean"] is True and row["knowledge"]["n_clean"] == 20
+    assert 0.0 <= row["metrics"]["acc"] <= 1.0
+    _check_no_test_data(seen, splits)
+    assert seen["probe"].frozen
+    _check_model(method, seen, d)
+
+
+@pytest.mark.parametrize("method", list(FAST))
+def test_runs_end_to_end_under_finetune_probe(compose_cfg, monkeypatch, method):
+    row, seen, splits = _run_and_spy(compose_cfg, monkeypatch, method, FINETUNE)
+    d = row["diagnostics"]
+    for key in KEYS[method]:
+        assert key in d, key
+    assert not seen["probe"].frozen
+    _check_no_test_data(seen, splits)
+    _check_model(method, seen, d)
+    if method in ("anp", "rnp"):  # the masks cover the probe's trainable stages (last2)
+        assert d[f"{method}/first_stage"] == len(seen["model"].encoder.stages) - 2
+
+
+@pytest.mark.parametrize("method", list(FAST))
+def test_refuses_clean_fraction_zero(compose_cfg, monkeypatch, method):
+    import securetl.pipeline as pipeline
+
+    real_build = pipeline.build
+
+    def build(node, **kw):
+        assert not str(node.get("_target_", "")).endswith("build_synthetic"), "the data were built"
+        return real_build(node, **kw)
+
+    monkeypatch.setattr(pipeline, "build", build)
+    with pytest.raises(ConfigError, match="needs clean labelled data") as e:
+        run(compose_cfg([f"defense={method}", "defense.clean_fraction=0"]))
+    assert "\n" not in str(e.value)
+    # called directly without a clean share: a one-line ValueError before any training
+    defense = CLASS[method](**({"prune_step": 0} if method == "ft" else {}))
+    ctx = RunContext(device=torch.device("cpu"), seed=0, num_classes=3, progress=False)
+    train = LabeledSet(torch.zeros(6, 3, 4, 4, dtype=torch.uint8), torch.arange(6) % 3)
+    with pytest.raises(ValueError, match="needs the clean reserve") as e:
+        defense.train(None, train, Probe("linear"), ctx)
+    assert "\n" not in str(e.value)
+
+
+def test_a_clean_share_too_small_for_a_holdout_is_refused():
+    clean = LabeledSet(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.arange(3))  # one image per class
+    ctx = RunContext(device=torch.device("cpu"), seed=0, num_classes=3, progress=False, clean=clean)
+    with pytest.raises(ValueError, match="holdout"):
+        _pruning.clean_split(ctx, 0.2, torch.Generator().manual_seed(0), "rnp")
