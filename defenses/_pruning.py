@@ -8,8 +8,9 @@ channel filter.
                  lowest: ANP and RNP on BN weights, Fine-Pruning on the columns of the head's input
 `within`         the holdout rule a pruning sweep is judged by (accuracy on the held-out 20 % of the clean share,
                  never test data: BASELINES.md section 0)
-`unlearn`        gradient ascent on the CE until accuracy falls to a threshold: RNP (all parameters, checked per
-                 epoch) and T-Core (normalisation parameters only, checked per step)
+`unlearn`        gradient ascent on the CE over whole epochs (securetl.probe.train_loop), until the running accuracy
+                 falls to a threshold: RNP (all parameters) and ABL (a fixed number of epochs, no threshold)
+`unlearn_per_step`  the same ascent checked after every step on a fixed sample: T-Core (normalisation parameters)
 `recover_masks`  learn the masks alone on clean data (RNP's filter recovering; T-Core's, with an L1 pull)
 `MaskPruning`    the shape ANP and RNP share: masks on M0's top stages learned on the clean share, a sweep over the
                  pruning threshold (or number) judged on the holdout, the chosen channels pruned in M0
@@ -17,9 +18,9 @@ channel filter.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -27,11 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
-from securetl.knowledge import split_holdout
 from securetl.numerics import Numerics
-from securetl.probe import _Tail, memo_forward
+from securetl.probe import train_loop
 
-from ._features import reference_model
+from ._features import Scope, accuracy, clean_split, reference_model, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -195,119 +195,121 @@ def sweep(
 
 
 # --------------------------------------------------------------------------- training pieces
-@torch.no_grad()
-def accuracy(
-    module: nn.Module, inputs: Tensor, y: Tensor, batch: int = 1024, num: Numerics | None = None
-) -> float:
-    """Accuracy of `module` (eval mode) on memoised inputs; one host read."""
-    num = num or Numerics.resolve(inputs.device)
-    module.eval()
-    y = num.put(y)
-    with num.autocast():
-        correct = sum(
-            (module(num.put(inputs[i : i + batch])).argmax(1) == y[i : i + batch]).sum()
-            for i in range(0, len(y), batch)
-        )
-    return int(correct) / max(1, len(y))
+@contextmanager
+def _training_only(module: nn.Module, params: Sequence[nn.Parameter]):
+    """Within the block only `params` of `module` take gradients; every requires_grad is restored afterwards."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _Ascent:
+    """train_loop's loss for gradient ascent: -CE, counting the epoch's correct predictions on the device (the
+    running training accuracy RNP's stopping rule reads; one host read an epoch)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+
+    def __call__(self, module: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
+        out = module(xb)
+        self.correct += (out.argmax(1) == yb).sum()
+        return -F.cross_entropy(out, yb)
 
 
 def unlearn(
     module: nn.Module,
     inputs: Tensor,
     y: Tensor,
+    ctx: RunContext,
+    g: torch.Generator,
+    params: Sequence[nn.Parameter],
+    *,
+    epochs: int,
+    threshold: float | None = 0.2,
+    lr: float = 0.01,
+    weight_decay: float = 0.0,
+    batch_size: int = 128,
+    milestones: Sequence[int] = (),
+    desc: str = "unlearn",
+) -> dict[str, float]:
+    """Gradient ascent on the CE of `module` over (inputs, y): shuffled epochs in train mode, SGD (momentum 0.9) on
+    `params` only (both RNP codes; ABL's unlearning). Stops after the first epoch whose running training accuracy
+    is <= `threshold` (None: never), or after `epochs`; lr x 0.1 after each epoch in `milestones` (MultiStepLR).
+    Every parameter's requires_grad is restored afterwards."""
+    n = len(y)
+    ascent = _Ascent(ctx.device)
+    state = {"epochs": 0, "acc": float("nan")}
+
+    def epoch_end(done: int) -> bool:
+        state["epochs"], state["acc"] = done, int(ascent.correct) / max(1, n)
+        ascent.correct.zero_()
+        return threshold is not None and state["acc"] <= threshold
+
+    with _training_only(module, params):
+        train_loop(
+            module,
+            inputs,
+            y,
+            ctx,
+            [{"params": list(params), "lr": lr}],
+            epochs=epochs,
+            batch_size=batch_size,
+            g=g,
+            optimizer="sgd",
+            weight_decay=weight_decay,
+            loss_fn=ascent,
+            desc=desc,
+            schedule=list(milestones) or None,
+            on_epoch_end=epoch_end,
+        )
+    steps = state["epochs"] * steps_per_epoch(n, batch_size)
+    return {"epochs": state["epochs"], "steps": steps, "acc": state["acc"]}
+
+
+def unlearn_per_step(
+    module: nn.Module,
+    acts: Tensor,
+    y: Tensor,
     g: torch.Generator,
     params: Sequence[nn.Parameter],
     *,
     threshold: float = 0.2,
     lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
     batch_size: int = 128,
     max_steps: int = 500,
     check_every: int = 1,
-    epochs: int | None = None,
-    milestones: Sequence[int] = (),
-    gamma: float = 0.1,
     num: Numerics | None = None,
 ) -> dict[str, float]:
-    """Gradient ascent on the CE of `module` over (inputs, y), SGD on `params` only, until accuracy falls to
-    `threshold`. Two stopping schemes:
-
-    per step (epochs=None; T-Core)   batches drawn with replacement, eval-mode BN; after every `check_every` steps
-                                     the accuracy on a fixed sample of up to 512 inputs; stop once it is < threshold
-                                     or after `max_steps`
-    per epoch (epochs=E; RNP)        shuffled epochs in train mode (both RNP codes); the epoch's running training
-                                     accuracy; stop once it is <= threshold or after E epochs; lr x gamma after
-                                     each epoch in `milestones` (MultiStepLR)
-
-    Every parameter's requires_grad is restored afterwards."""
-    num = num or Numerics.resolve(inputs.device)
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p in module.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    try:
-        if epochs is None:
-            return _unlearn_per_step(
-                module, inputs, y, g, opt, threshold, batch_size, max_steps, check_every, num
-            )
-        return _unlearn_per_epoch(
-            module, inputs, y, g, opt, threshold, batch_size, epochs, milestones, gamma, num
-        )
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _unlearn_per_step(module, acts, y, g, opt, threshold, batch_size, max_steps, check_every, num) -> dict:
-    n, steps = len(y), 0
-    y = num.put(y)
-    probe_idx = num.put(torch.randperm(n, generator=g)[:512])
-    acc = accuracy(module, acts[probe_idx], y[probe_idx], num=num)
-    module.eval()  # running statistics stay those of the model being analysed
-    while acc >= threshold and steps < max_steps:
-        b = num.put(torch.randint(0, n, (batch_size,), generator=g))
-        with num.autocast():
-            loss = -F.cross_entropy(module(acts[b]), y[b])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
-        if steps % check_every == 0:
-            acc = accuracy(module, acts[probe_idx], y[probe_idx], num=num)
-    return {"steps": steps, "acc": acc}
-
-
-def _unlearn_per_epoch(
-    module, inputs, y, g, opt, threshold, batch_size, epochs, milestones, gamma, num
-) -> dict:
-    n = len(y)
-    src, ys = num.resident(inputs), num.put(y)
-    module.train()
-    acc, epoch, steps = float("nan"), 0, 0
-    for epoch in range(1, epochs + 1):
-        perm = num.put(torch.randperm(n, generator=g))
-        correct = torch.zeros((), dtype=torch.long, device=num.device)
-        for s in range(0, n, batch_size):
-            b = perm[s : s + batch_size]
+    """Gradient ascent on the CE of `module`, SGD (momentum 0.9) on `params` only, checked per step (T-Core): batches
+    drawn with replacement, eval-mode BN (the running statistics stay those of the model being analysed); after
+    every `check_every` steps the accuracy on a fixed sample of up to 512 inputs; stop once it is < threshold or
+    after `max_steps`. Every parameter's requires_grad is restored afterwards."""
+    num = num or Numerics.resolve(acts.device)
+    with _training_only(module, params):
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        n, steps = len(y), 0
+        y = num.put(y)
+        probe_idx = num.put(torch.randperm(n, generator=g)[:512])
+        acc = accuracy(module, acts[probe_idx], y[probe_idx], num)
+        module.eval()
+        while acc >= threshold and steps < max_steps:
+            b = num.put(torch.randint(0, n, (batch_size,), generator=g))
             with num.autocast():
-                out = module(src[b])
-                loss = -F.cross_entropy(out, ys[b])
-            correct += (out.argmax(1) == ys[b]).sum()
+                loss = -F.cross_entropy(module(acts[b]), y[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             steps += 1
-        acc = int(correct) / max(1, n)  # one host read per epoch
-        if epoch in milestones:
-            for group in opt.param_groups:
-                group["lr"] *= gamma
-        if acc <= threshold:
-            break
-    module.eval()
-    return {"epochs": epoch, "steps": steps, "acc": acc}
+            if steps % check_every == 0:
+                acc = accuracy(module, acts[probe_idx], y[probe_idx], num)
+    return {"steps": steps, "acc": acc}
 
 
 def recover_masks(
@@ -360,36 +362,7 @@ def recover_masks(
     return masks(module)
 
 
-# --------------------------------------------------------------------------- the clean share
-def clean_split(
-    ctx: RunContext, fraction: float, g: torch.Generator, name: str
-) -> tuple[LabeledSet, LabeledSet]:
-    """(fit, holdout) of the defense's clean share; a clear error without one, or when it is too small to hold
-    anything out (the holdout is where every selection rule is made)."""
-    clean = require_clean(ctx, name)
-    fit, held = split_holdout(clean, fraction, g)
-    if len(held) == 0:
-        raise ValueError(
-            f"{name}: the clean share ({len(clean)} images) leaves nothing for the holdout its selection rule needs "
-            "(at least 2 images per class); raise defense.clean_fraction"
-        )
-    return fit, held
-
-
-def require_clean(ctx: RunContext, name: str) -> LabeledSet:
-    if ctx.clean is None or len(ctx.clean) == 0:
-        raise ValueError(f"{name} needs the clean reserve (defense.clean_fraction > 0)")
-    return ctx.clean
-
-
 # --------------------------------------------------------------------------- ANP and RNP
-def top_tail(model: Model, n_stages: int) -> tuple[int, _Tail]:
-    """The first of the encoder's top `n_stages` stages and a module of those stages + the head, sharing `model`'s
-    modules (no copy)."""
-    start = max(0, len(model.encoder.stages) - int(n_stages))
-    return start, _Tail(model.encoder, start, model.head)
-
-
 class MaskPruning(Defense):
     """ANP and RNP: learn a mask per BN channel of M0's top `stages` stages on the fit part of the clean share
     (`learn_masks`), sweep the pruning threshold (or number) on M0, judge each point by its accuracy on the held-out
@@ -433,13 +406,12 @@ class MaskPruning(Defense):
 
     def train(self, encoder: nn.Module, train: LabeledSet, probe: Any, ctx: RunContext) -> Model:
         g = ctx.generator(salt=self.salt)
-        fit, held = clean_split(ctx, self.holdout, g, self.name)
+        fit, held = clean_split(ctx, self.name, self.holdout, g)
         m0 = reference_model(encoder, train, probe, ctx)
-        start, tail = top_tail(m0, self.stages)
-        # what enters the top stages, under M0's own encoder (stages below a fine-tuning probe's are untouched)
-        x_fit = memo_forward(m0.encoder, fit.x, ctx, stop=start, on_device=True)
-        x_held = memo_forward(m0.encoder, held.x, ctx, stop=start, on_device=True)
-        work = ctx.num.module(mask_bns(copy.deepcopy(tail), mask_bias=False, noise=self.noise))
+        # M0's top stages + head, on what enters them (stages below a fine-tuning probe's are untouched)
+        scope = Scope.of_model(m0, probe, fit.x, ctx, stages=self.stages)
+        x_fit, x_held = scope.inputs, scope.inputs_for(held.x, ctx)
+        work = mask_bns(scope.module(ctx.num_classes, ctx), mask_bias=False, noise=self.noise)
         if not any(True for _ in masked_bns(work)):
             raise ValueError(
                 f"{self.name}: the encoder's top {self.stages} stage(s) hold no BatchNorm2d to mask"
@@ -447,21 +419,17 @@ class MaskPruning(Defense):
         scores = {k: v.float().cpu() for k, v in self.learn_masks(work, x_fit, fit.y, g, ctx).items()}
         del work
 
-        def pruned(by: dict) -> _Tail:
-            cand = copy.deepcopy(tail)
-            prune(bn_weights(cand), scores, **by)
-            return cand
+        def pruned(by: dict) -> tuple[nn.Module, dict[str, Tensor]]:
+            """A copy of M0's part with the channels `by` selects pruned ({}: none), and that selection."""
+            cand = scope.module(ctx.num_classes, ctx)
+            return cand, (prune(bn_weights(cand), scores, **by) if by else {})
 
-        base = accuracy(tail, x_held, held.y, num=ctx.num)
-        by, accs = self._choose(scores, lambda by: accuracy(pruned(by), x_held, held.y, num=ctx.num), base)
-        final = copy.deepcopy(m0)
-        _, final_tail = top_tail(final, self.stages)
-        chosen = prune(bn_weights(final_tail), scores, **by) if by else {}
-        end = len(final.encoder.stages)
-        self._report(
-            start, end, scores, chosen, by, base, accs, accuracy(final_tail, x_held, held.y, num=ctx.num)
-        )
-        return final.eval()
+        base = accuracy(pruned({})[0], x_held, held.y, ctx)
+        by, accs = self._choose(scores, lambda by: accuracy(pruned(by)[0], x_held, held.y, ctx), base)
+        final, chosen = pruned(by)
+        end = len(m0.encoder.stages)
+        self._report(scope.start, end, scores, chosen, by, base, accs, accuracy(final, x_held, held.y, ctx))
+        return scope.model(final)
 
     def _choose(self, scores: dict[str, Tensor], acc_of, base: float) -> tuple[dict, list[float]]:
         """{threshold: t} or {number: k} to prune ({} = nothing), and the holdout accuracy of every sweep point."""

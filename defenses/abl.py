@@ -10,8 +10,10 @@ the clean task, so early in training the poisons have the lowest loss. One model
              gamma so that only what is learned fastest falls below it; then the per-sample CE, and the lowest
              `isolation_ratio` of D is the isolated set
   fine-tune  (optional, on in both codes) train on the other samples with CE; the learning rate drops tenfold
-             after two thirds of the epochs (the original's 40 of 60)
-  unlearn    gradient ascent (-CE) on the isolated set: SGD, momentum 0.9, weight decay 1e-4, lr 5e-4
+             after two thirds of the epochs, within one run of the optimiser (both codes' learning_rate_finetuning:
+             the original's 40 of 60)
+  unlearn    gradient ascent (-CE) on the isolated set: SGD, momentum 0.9, weight decay 1e-4, lr 5e-4 (the shared
+             ascent loop, defenses/_pruning.unlearn, which RNP stops on an accuracy threshold and ABL does not)
 
 Transfer learning (BASELINES.md 2.7): the model is the probe's trainable scope, initialised as the probe
 initialises it (the received encoder's top stages and a fresh head, or a fresh head on the frozen encoder), not a
@@ -27,7 +29,6 @@ The codes log test ACC/ASR after every epoch; nothing here reads test data.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -35,9 +36,10 @@ from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContex
 from securetl.numerics import take
 from securetl.probe import per_sample_loss, train_loop
 
-from ._features import Scope
+from ._features import Scope, epochs_for
+from ._pruning import unlearn
 from ._splits import lowest
-from ._suppression import ascent_loss, flooding_loss, lga_loss, param_groups, to_model
+from ._suppression import flooding_loss, lga_loss
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class ABL(Defense):
         if self.finetuning:
             self.finetune(module, take(x, other), y[other], probe, ctx, g)
         self.unlearn(module, take(x, isolated), y[isolated], ctx, g)
-        return to_model(scope, module)
+        return scope.model(module)
 
     # ------------------------------------------------------------------ the three phases
     def isolate(self, module, x, y, probe, ctx: RunContext, g: torch.Generator) -> torch.Tensor:
@@ -98,7 +100,7 @@ class ABL(Defense):
             x,
             y,
             ctx,
-            param_groups(module, probe),
+            Scope.groups(module, probe),
             epochs=self.tuning_epochs,
             batch_size=probe.batch_size,
             g=g,
@@ -125,38 +127,36 @@ class ABL(Defense):
 
     def finetune(self, module, x, y, probe, ctx: RunContext, g: torch.Generator) -> None:
         """CE on the samples not isolated; the learning rate drops tenfold after two thirds of the epochs."""
-        first = round(2 * self.finetuning_epochs / 3)
-        for epochs, scale in ((first, 1.0), (self.finetuning_epochs - first, 0.1)):
-            train_loop(
-                module,
-                x,
-                y,
-                ctx,
-                param_groups(module, probe, scale),
-                epochs=epochs,
-                batch_size=probe.batch_size,
-                g=g,
-                optimizer=probe.optimizer,
-                weight_decay=self.weight_decay,
-                desc="abl[finetune]",
-            )
-
-    def unlearn(self, module, x, y, ctx: RunContext, g: torch.Generator) -> None:
-        """Gradient ascent on the isolated samples: whole epochs over them, at least `unlearning_steps` steps."""
-        per_epoch = math.ceil(len(y) / self.unlearning_batch_size)
-        epochs = math.ceil(self.unlearning_steps / per_epoch) if self.unlearning_steps > 0 else 0
         train_loop(
             module,
             x,
             y,
             ctx,
-            [{"params": list(module.parameters()), "lr": self.unlearning_lr}],
-            epochs=epochs,
-            batch_size=self.unlearning_batch_size,
+            Scope.groups(module, probe),
+            epochs=self.finetuning_epochs,
+            batch_size=probe.batch_size,
             g=g,
-            optimizer="sgd",
+            optimizer=probe.optimizer,
             weight_decay=self.weight_decay,
-            loss_fn=ascent_loss,
+            schedule=[round(2 * self.finetuning_epochs / 3)],
+            desc="abl[finetune]",
+        )
+
+    def unlearn(self, module, x, y, ctx: RunContext, g: torch.Generator) -> None:
+        """Gradient ascent on the isolated samples: whole epochs over them, at least `unlearning_steps` steps."""
+        steps = self.unlearning_steps
+        info = unlearn(
+            module,
+            x,
+            y,
+            ctx,
+            g,
+            list(module.parameters()),
+            epochs=epochs_for(steps, len(y), self.unlearning_batch_size) if steps > 0 else 0,
+            threshold=None,
+            lr=self.unlearning_lr,
+            weight_decay=self.weight_decay,
+            batch_size=self.unlearning_batch_size,
             desc="abl[unlearn]",
         )
-        self.diagnostics["abl/unlearning_steps"] = epochs * per_epoch
+        self.diagnostics["abl/unlearning_steps"] = info["steps"]

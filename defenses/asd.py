@@ -17,7 +17,7 @@ Clean seeds: the reference draws them out of D with each sample's poison flag --
 (at random, `seed_num` per class) from the clean reserve, which the pipeline hands over as ctx.clean; they stay in
 the labelled pool in every phase (in the reference they are D's samples, trusted by loss like the rest after the
 class-aware phase). The reference keeps the epoch of best TEST accuracy; here (`select: holdout`) the epoch of best
-accuracy on a class-balanced 20 % of the clean share held out from the seeds (securetl.knowledge.split_holdout),
+accuracy on a class-balanced 20 % of the clean share held out from the seeds (defenses/_features.clean_split),
 or the last epoch (`select: last`).
 
 Transfer learning (BASELINES.md 2.9): the model is the probe's trainable scope (the received encoder's top stages
@@ -37,13 +37,11 @@ import torch
 from tqdm.auto import tqdm
 
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
-from securetl.knowledge import split_holdout
 from securetl.probe import per_sample_loss, train_loop
 
-from ._features import Scope
+from ._features import Scope, accuracy, clean_split, require_clean
 from ._mixmatch import Views, mixmatch_epoch, semi_pools
 from ._splits import class_aware_split, global_split, meta_split
-from ._suppression import accuracy, to_model
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +100,12 @@ class ASD(Defense):
         self.augment, self.select, self.holdout = augment, select, holdout
 
     def train(self, encoder, train: LabeledSet, probe, ctx: RunContext) -> Model:
-        if ctx.clean is None or len(ctx.clean) == 0:
-            raise ValueError(
-                "ASD needs clean labelled seeds (10 per class in the paper) from the clean reserve: "
-                "set defense.clean_fraction > 0"
-            )
+        require_clean(ctx, "ASD", ": its clean labelled seeds (10 per class in the paper) come from it")
         g = ctx.generator(salt=20901)
         torch.manual_seed(ctx.seed * 1000 + 209)  # the fresh head's initialisation
         rng = np.random.default_rng(ctx.seed * 1000 + 209)  # MixMatch's Beta draws (host side)
         y, n, k = train.y, len(train), ctx.num_classes
-        seeds, held = self.seeds(ctx.clean, k, g)
+        seeds, held = self.seeds(ctx, k, g)
         scope = Scope.of(encoder, probe, train.x, ctx)
         # D and the seeds side by side: positions >= n are the seeds
         y_all = torch.cat([y, seeds.y])
@@ -172,7 +166,7 @@ class ASD(Defense):
             self.diagnostics.update(
                 {f"asd/mixmatch_{key}": round(stats[key], 5) for key in ("loss", "lx", "lu")}
             )
-        return to_model(scope, module)
+        return scope.model(module)
 
     # ------------------------------------------------------------------ pieces
     def phase(self, epoch: int) -> str:
@@ -180,10 +174,14 @@ class ASD(Defense):
             return "aware"
         return "agnostic" if epoch < self.epoch_second else "meta"
 
-    def seeds(self, clean: LabeledSet, k: int, g: torch.Generator) -> tuple[LabeledSet, LabeledSet | None]:
-        """`seed_num` random clean images per class (fewer if the share has fewer), and the held-out part."""
-        fit, held = split_holdout(clean, self.holdout, g) if self.select == "holdout" else (clean, None)
-        if held is not None and len(held) == 0:  # one image per class: nothing to hold out
+    def seeds(self, ctx: RunContext, k: int, g: torch.Generator) -> tuple[LabeledSet, LabeledSet | None]:
+        """`seed_num` random clean images per class (fewer if the share has fewer), and the held-out part (None:
+        `select: last`, or one image per class, nothing to hold out)."""
+        if self.select == "holdout":
+            fit, held = clean_split(ctx, "ASD", self.holdout, g, strict=False)
+        else:
+            fit, held = require_clean(ctx, "ASD"), None
+        if held is not None and len(held) == 0:
             held = None
         picks = []
         for c in range(k):

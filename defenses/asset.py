@@ -38,7 +38,7 @@ from torch import nn
 from securetl.interfaces import Knowledge
 
 from ._detection import DetectionDefense
-from ._features import Scope
+from ._features import Scope, require_clean
 from ._scoring import adjusted_outlyingness, gaussian_tail_threshold, host_blas
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,7 @@ class ASSET(DetectionDefense):
         self.outlyingness, self.eps, self.threshold = outlyingness, eps, threshold
 
     def detect(self, encoder, model, train, probe, ctx):
-        if ctx.clean is None or len(ctx.clean) == 0:
-            raise ValueError("ASSET needs the clean reserve (defense.clean_fraction > 0)")
+        require_clean(ctx, "ASSET")
         dev, k = ctx.device, ctx.num_classes
         g = ctx.generator(salt=6101)
         torch.manual_seed(ctx.seed * 10 + 6)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from securetl.interfaces import Knowledge
 
 from ._detection import DetectionDefense
-from ._features import Scope
+from ._features import Scope, require_clean
 from ._scoring import host_blas
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ class ConfusionTraining(DetectionDefense):
 
     # ------------------------------------------------------------------ the rounds
     def detect(self, encoder, model, train, probe, ctx):
-        if ctx.clean is None or len(ctx.clean) == 0:
-            raise ValueError("CT needs the clean reserve (defense.clean_fraction > 0)")
+        require_clean(ctx, "CT")
         dev, k = ctx.device, ctx.num_classes
         g = ctx.generator(salt=5101)
         torch.manual_seed(ctx.seed * 10 + 5)

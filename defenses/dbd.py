@@ -37,7 +37,7 @@ from securetl.probe import per_sample_loss, train_loop
 from ._features import Scope
 from ._mixmatch import Views, mixmatch_epoch, semi_pools
 from ._splits import global_split
-from ._suppression import head_of, sce_loss, to_model
+from ._suppression import sce_loss
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,11 @@ class DBD(Defense):
                 y[labelled], minlength=ctx.num_classes
             ).tolist()
             self.diagnostics.update({f"dbd/mixmatch_{k}": round(stats[k], 5) for k in ("loss", "lx", "lu")})
-        return to_model(scope, module)
+        return scope.model(module)
 
     def warm_up(self, module, scope: Scope, y, ctx: RunContext, g: torch.Generator) -> None:
         """Stage 2: the head alone, with SCE, on the frozen features (the received encoder's output)."""
-        head = head_of(module)
+        head = Scope.head_of(module)
         feats = Scope.penultimate(module, scope.inputs, ctx.device)
         train_loop(
             head,

@@ -11,7 +11,8 @@ an absolute 0.2 drop, 10 fine-tuning epochs). Needs clean labelled data (Backdoo
                (once_prune_ratio 0.01), by zeroing the head's weight columns; stop at the last step whose clean
                accuracy is within `acc_ratio` (0.1, relative) of the unpruned accuracy
   fine-tune    the model on the clean data, the pruned columns held at zero (torch prune's mask, as BackdoorBench):
-               SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, 100 epochs
+               SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, 100 epochs, the lr annealed to 0 over them
+               (BackdoorBench: lr_scheduler CosineAnnealingLR, T_max 100 = its epochs, stepped once an epoch)
 
 FT is the same fine-tuning with nothing pruned (`prune_step: 0`; BackdoorBench ft.py: 100 epochs on 5 %).
 
@@ -20,9 +21,9 @@ the clean test set); the channels are ranked on the rest; the fine-tuning then u
 selection follows it). What is fine-tuned is the probe's trainable part of M0: its head and top stages under
 probe=finetune, its head alone under a frozen encoder (probe=linear/mlp: pruning and fine-tuning act on the head's
 input columns only -- a legitimate but weak baseline). The probe's head standardises its input first, so a zeroed
-column holds that channel at its training mean rather than at 0 (alike for a dormant channel). Deviations: a constant learning rate (BackdoorBench: cosine;
-securetl.probe.train_loop has no schedule); no crop/flip augmentation (the clean data are memoised activations, as
-in the probe's own loop); the number pruned is exactly the step's count (BackdoorBench prunes one fewer); the model
+column holds that channel at its training mean rather than at 0 (alike for a dormant channel). Deviations: no
+crop/flip augmentation (the clean data are memoised activations, as in the probe's own loop); the cosine's T_max is
+the fine-tuning epochs whatever their number (BackdoorBench fixes 100, its default epochs); the number pruned is exactly the step's count (BackdoorBench prunes one fewer); the model
 kept is the last passing step's (BackdoorBench's net is the same object as the failing step's, so it keeps the
 over-pruned mask).
 """
@@ -39,10 +40,10 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
-from securetl.probe import _Tail, train_loop
+from securetl.probe import Schedule, train_loop
 
-from ._features import Scope, reference_model
-from ._pruning import clean_split, prune, require_clean, sweep
+from ._features import Scope, accuracy, clean_split, reference_model, require_clean
+from ._pruning import prune, sweep
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,16 @@ class FinePruning(Defense):
         weight_decay: float = 5e-4,
         batch_size: int = 256,
         holdout: float = 0.2,
+        schedule: Schedule = "cosine",
         clean_fraction: float | None = None,
     ) -> None:
         super().__init__(clean_fraction)
+        if schedule not in ("cosine", None):
+            raise ValueError(f"defense.schedule={schedule!r}; choose cosine or null (a constant lr)")
         if not 0.0 <= prune_step <= 1.0:
             raise ValueError(f"defense.prune_step={prune_step} must lie in [0, 1] (0 = FT: nothing pruned)")
         self.prune_step, self.acc_ratio, self.holdout = prune_step, acc_ratio, holdout
+        self.schedule = schedule
         self.epochs, self.lr, self.weight_decay, self.batch_size = (
             int(epochs),
             lr,
@@ -87,13 +92,12 @@ class FinePruning(Defense):
         clean = require_clean(ctx, self.name)
         g = ctx.generator(salt=21001)
         m0 = reference_model(encoder, train, probe, ctx)
-        model = copy.deepcopy(m0)
-        scope = Scope.of(encoder, probe, clean.x, ctx)  # what enters the probe's trainable part, memoised
-        module = model.head if scope.start is None else _Tail(model.encoder, scope.start, model.head)
-        linear = first_linear(model.head)
+        scope = Scope.of_model(m0, probe, clean.x, ctx)  # M0's trainable part, on the memoised clean inputs
+        module = scope.module(ctx.num_classes, ctx)
+        linear = first_linear(Scope.head_of(module))
         n_pruned = 0
         if self.prune_step > 0:
-            fit, held = clean_split(ctx, self.holdout, g, self.name)
+            fit, held = clean_split(ctx, self.name, self.holdout, g)
             n_pruned = self._prune(module, linear, scope, fit, held, ctx)
         groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": self.lr}]
         train_loop(
@@ -107,13 +111,14 @@ class FinePruning(Defense):
             g=g,
             optimizer="sgd",
             weight_decay=self.weight_decay,
+            schedule=self.schedule,
             desc=self.name,
         )
         if n_pruned:
             torch_prune.remove(linear, "weight")  # the zeroed columns become plain zeros in the weight
         self.diagnostics[f"{self.name}/n_clean"] = len(clean)
         self.diagnostics[f"{self.name}/epochs"] = self.epochs
-        return model.eval()
+        return scope.model(module)
 
     def _prune(
         self, module: nn.Module, linear: nn.Linear, scope: Scope, fit: LabeledSet, held: LabeledSet, ctx
@@ -124,13 +129,12 @@ class FinePruning(Defense):
         act = Scope.penultimate(module, scope.inputs_for(fit.x, ctx), dev).mean(0)
         f_held = Scope.penultimate(module, scope.inputs_for(held.x, ctx), dev)
         scores = {"w": act}
-        head = module.head if isinstance(module, _Tail) else module
+        head = Scope.head_of(module)
 
         def acc_with(k: int) -> float:
             h = copy.deepcopy(head)
             prune({"w": first_linear(h).weight}, scores, number=k, dim=1)
-            pred = Scope.logits(h, f_held, dev).argmax(1)
-            return float((pred == held.y).float().mean())
+            return accuracy(h, f_held, held.y, ctx)
 
         channels = len(act)
         step = max(1, math.ceil(channels * self.prune_step))

@@ -22,8 +22,10 @@ steps an epoch): teacher 10 epochs = 400 steps, student 20 epochs = 800 steps. O
 ceil(n_fit / batch) steps and the epochs are ceil(steps / that): the same number of updates on fewer images (at 5 %
 of 4 000 images, 160 fit images, 3 steps an epoch: 134 and 267 epochs). Learning rates are the probe's own (its
 encoder_lr for the stages, lr for the head) times `lr_scale`, constant: BackdoorBench fine-tunes at its training lr
-(0.01; its adjust_learning_rate keeps 0.01 throughout); the original's 0.1 for two epochs then 0.01 is a
-from-scratch WRN's schedule.
+(0.01: the student's adjust_learning_rate keeps 0.01 for its 10 epochs and its scheduler step is commented out; the
+teacher's CosineAnnealingLR has T_max 100 over 10 epochs, lr x 0.976 at the end); the original's 0.1 for two epochs
+then 0.01 is a from-scratch WRN's schedule. The held-out check runs at every epoch's end (train_loop's
+on_epoch_end), within one run of the optimiser.
 
 Selection (ours, on the held-out 20 % of the clean share): the original saves the student of an epoch whose TEST
 clean accuracy exceeds min(70 %, the lowest test ASR so far), which in practice is the last epoch that keeps clean
@@ -36,9 +38,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -46,135 +45,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
-from securetl.knowledge import split_holdout
-from securetl.probe import LossFn, Probe, _Tail, cross_entropy_loss, train_loop, trainable_copy
+from securetl.probe import LossFn, Probe, _Tail, cross_entropy_loss
 from securetl.validate import ConfigError
 
 from ._attention import align_betas, attention_transfer, stage_outputs
-from ._features import Scope, reference_model
+from ._features import Scope, accuracy, clean_split, reference_model, require_clean, train_steps
 
 log = logging.getLogger(__name__)
-
-
-def require_clean(ctx: RunContext, method: str) -> LabeledSet:
-    """The defense's clean share; a one-line ValueError when it has none."""
-    if ctx.clean is None or len(ctx.clean) == 0:
-        raise ValueError(f"{method} needs the clean reserve (defense.clean_fraction > 0); it got none")
-    return ctx.clean
-
-
-def epochs_for(steps: int, n: int, batch_size: int) -> int:
-    """Epochs over n samples that make at least `steps` optimiser steps (at least one epoch)."""
-    return max(1, math.ceil(steps / max(1, math.ceil(n / batch_size))))
-
-
-# --------------------------------------------------------------------------- M0's trainable scope
-@dataclass
-class M0Scope:
-    """The part of M0 its probe trained, as a trainable copy: M0's top stages + head (a `_Tail`) on the memoised
-    activations entering them, or M0's head on the frozen features. What removal methods repair."""
-
-    m0: Model
-    scope: Scope  # start (first trainable stage, None under a frozen encoder) and the memoised inputs
-    probe: Probe
-
-    @classmethod
-    def of(cls, m0: Model, probe: Probe, x: Tensor, ctx: RunContext) -> M0Scope:
-        return cls(m0, Scope.of(m0.encoder, probe, x, ctx), probe)
-
-    @property
-    def start(self) -> int | None:
-        return self.scope.start
-
-    def inputs_for(self, x: Tensor, ctx: RunContext) -> Tensor:
-        return self.scope.inputs_for(x, ctx)
-
-    def module(self, ctx: RunContext) -> nn.Module:
-        """A fresh trainable copy of M0's scope, on the device."""
-        head = trainable_copy(self.m0.head)
-        if self.start is None:
-            return ctx.num.module(head)
-        return ctx.num.module(_Tail(trainable_copy(self.m0.encoder), self.start, head))
-
-    def groups(self, module: nn.Module, lr_scale: float = 1.0) -> list[dict]:
-        """The probe's optimiser groups (encoder_lr for stages, lr for the head), times `lr_scale`."""
-        if isinstance(module, _Tail):
-            return [
-                {"params": list(module.stages.parameters()), "lr": self.probe.encoder_lr * lr_scale},
-                {"params": list(module.head.parameters()), "lr": self.probe.lr * lr_scale},
-            ]
-        return [{"params": list(module.parameters()), "lr": self.probe.lr * lr_scale}]
-
-    def model(self, module: nn.Module) -> Model:
-        """M0 with `module` in place of its scope (a copy; M0 is not touched)."""
-        if not isinstance(module, _Tail):
-            return Model(self.m0.encoder, module).eval()
-        encoder = copy.deepcopy(self.m0.encoder)
-        for i, stage in enumerate(module.stages):
-            encoder.stages[self.start + i] = stage
-        for p in encoder.parameters():
-            p.requires_grad_(False)
-        return Model(encoder, module.head).eval()
-
-    @torch.no_grad()
-    def accuracy(self, module: nn.Module, inputs: Tensor, y: Tensor, ctx: RunContext) -> float:
-        """Accuracy of `module` on scope inputs (eval mode; the caller restores train mode if it needs it)."""
-        if len(y) == 0:
-            return float("nan")
-        pred = Scope.logits(module, inputs, ctx.device).argmax(1)
-        return float((pred == y).float().mean())
-
-    def finetune(
-        self,
-        module: nn.Module,
-        inputs: Tensor,
-        y: Tensor,
-        ctx: RunContext,
-        g: torch.Generator,
-        *,
-        steps: int,
-        batch_size: int,
-        lr_scale: float,
-        weight_decay: float,
-        loss_fn: LossFn = cross_entropy_loss,
-        desc: str = "finetune",
-    ) -> int:
-        """SGD (momentum 0.9) on `module` for `steps` updates' worth of epochs; returns the epochs run."""
-        epochs = epochs_for(steps, len(y), batch_size)
-        train_loop(
-            module,
-            inputs,
-            y,
-            ctx,
-            self.groups(module, lr_scale),
-            epochs=epochs,
-            batch_size=batch_size,
-            g=g,
-            optimizer="sgd",
-            weight_decay=weight_decay,
-            loss_fn=loss_fn,
-            desc=desc,
-        )
-        return epochs
-
-
-class AtEpochEnd:
-    """A train_loop loss_fn that first calls `check(module, epochs_done)` at the first batch of every epoch after
-    the first (the last epoch's check is the caller's, after the loop). train_loop has no epoch callback, and
-    restarting it every epoch would reset SGD's momentum every few steps on a small clean share."""
-
-    def __init__(
-        self, loss_fn: LossFn, n: int, batch_size: int, check: Callable[[nn.Module, int], None]
-    ) -> None:
-        self.loss_fn, self.check = loss_fn, check
-        self.per_epoch, self.steps = max(1, math.ceil(n / batch_size)), 0
-
-    def __call__(self, module: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
-        if self.steps and self.steps % self.per_epoch == 0:
-            self.check(module, self.steps // self.per_epoch)
-            module.train()
-        self.steps += 1
-        return self.loss_fn(module, xb, yb)
 
 
 # --------------------------------------------------------------------------- NAD
@@ -249,45 +126,43 @@ class NAD(Defense):
         self.holdout, self.select, self.min_acc_ratio = float(holdout), select, float(min_acc_ratio)
 
     def train(self, encoder: nn.Module, train: LabeledSet, probe: Probe, ctx: RunContext) -> Model:
-        clean = require_clean(ctx, "NAD")
+        require_clean(ctx, "NAD")
         if probe.frozen:
             raise ConfigError(
                 f"defense=nad needs trainable encoder stages (probe=finetune): under probe={probe.kind} the encoder "
                 "is frozen, student and teacher attention maps coincide and NAD is fine-tuning of the head (defense=ft)"
             )
-        fit, held = split_holdout(clean, self.holdout, ctx.generator(salt=21101))
+        # with one clean image a class nothing is held out: the last epoch is kept (no selection to make)
+        fit, held = clean_split(ctx, "NAD", self.holdout, ctx.generator(salt=21101), strict=False)
         m0 = reference_model(encoder, train, probe, ctx)
-        scope = M0Scope.of(m0, probe, fit.x, ctx)
-        x_fit, x_held = scope.scope.inputs, scope.inputs_for(held.x, ctx)
+        scope = Scope.of_model(m0, probe, fit.x, ctx)
+        x_fit, x_held = scope.inputs, scope.inputs_for(held.x, ctx)
         betas = align_betas(self.betas, len(m0.encoder.stages) - scope.start)
-        self._check_maps(scope.module(ctx), x_fit[:2].to(ctx.device), betas)
-        acc_m0 = scope.accuracy(scope.module(ctx), x_held, held.y, ctx)
+        k = ctx.num_classes
+        self._check_maps(scope.module(k, ctx), x_fit[:2].to(ctx.device), betas)
+        acc_m0 = accuracy(scope.module(k, ctx), x_held, held.y, ctx)
 
         # 1. teacher: M0 fine-tuned on the clean data (CE)
-        teacher = scope.module(ctx)
+        teacher = scope.module(k, ctx)
         te_epochs = self._fit(
-            scope, teacher, x_fit, fit.y, ctx, 21102, self.teacher_steps, cross_entropy_loss, "nad teacher"
+            probe, teacher, x_fit, fit.y, ctx, 21102, self.teacher_steps, cross_entropy_loss, "nad teacher"
         )
         teacher.eval().requires_grad_(False)
 
         # 2. student: M0 trained with CE + sum_l beta_l AT(student_l, teacher_l), checked on the held-out part
-        student = scope.module(ctx)
-        loss = nad_loss(teacher, betas, self.p)
-        # without held-out images (one clean image a class) there is nothing to select on: the last epoch
+        student = scope.module(k, ctx)
         select = self.select if len(held) else "last"
         rule = _Selection(self.min_acc_ratio * acc_m0)
 
-        def check(module: nn.Module, epoch: int) -> None:
-            rule.observe(epoch, scope.accuracy(module, x_held, held.y, ctx), module)
+        def check(epoch: int) -> None:
+            rule.observe(epoch, accuracy(student, x_held, held.y, ctx), student)
 
-        if select == "holdout":
-            loss = AtEpochEnd(loss, len(fit), self.batch_size, check)
         st_epochs = self._fit(
-            scope, student, x_fit, fit.y, ctx, 21103, self.student_steps, loss, "nad student"
-        )
+            probe, student, x_fit, fit.y, ctx, 21103, self.student_steps, nad_loss(teacher, betas, self.p),
+            "nad student", check if select == "holdout" else None,
+        )  # fmt: skip
         chosen = st_epochs
         if select == "holdout":
-            check(student, st_epochs)
             chosen, state = rule.choice()
             student.load_state_dict(state)
 
@@ -300,18 +175,21 @@ class NAD(Defense):
                 "nad/student_epochs": st_epochs,
                 "nad/selected_epoch": chosen,
                 "nad/holdout_acc_m0": acc_m0,
-                "nad/holdout_acc_teacher": scope.accuracy(teacher, x_held, held.y, ctx),
-                "nad/holdout_acc_student": scope.accuracy(student, x_held, held.y, ctx),
+                "nad/holdout_acc_teacher": accuracy(teacher, x_held, held.y, ctx),
+                "nad/holdout_acc_student": accuracy(student, x_held, held.y, ctx),
                 "nad/holdout_acc_per_epoch": rule.accs,
             }
         )
         return scope.model(student)
 
-    def _fit(self, scope: M0Scope, module, x, y, ctx, salt: int, steps: int, loss: LossFn, desc: str) -> int:
+    def _fit(
+        self, probe, module, x, y, ctx, salt: int, steps: int, loss: LossFn, desc: str, on_epoch_end=None
+    ) -> int:
         """SGD on `module` for `steps` updates (the YAML's schedule) with `loss`; the epochs it took."""
-        return scope.finetune(
-            module, x, y, ctx, ctx.generator(salt=salt), steps=steps, batch_size=self.batch_size,
-            lr_scale=self.lr_scale, weight_decay=self.weight_decay, loss_fn=loss, desc=desc,
+        return train_steps(
+            module, x, y, ctx, ctx.generator(salt=salt), probe, steps=steps, batch_size=self.batch_size,
+            lr_scale=self.lr_scale, weight_decay=self.weight_decay, loss_fn=loss, on_epoch_end=on_epoch_end,
+            desc=desc,
         )  # fmt: skip
 
     @staticmethod

@@ -17,16 +17,17 @@ authors'); SCLBD/BackdoorBench defense/nc.py, config/defense/nc/{config,cifar10}
 Transfer learning (BASELINES.md 2.14, ours): the trigger is optimised in input space, through the whole of M0 (the
 frozen bottom of the encoder, then the scope its probe trained: top stages + head under probe=finetune, the head
 under a frozen encoder) -- the same blend as the authors' raw-pixel one, since each encoder normalises its own input.
-Unlearning fine-tunes M0's trainable scope (defenses/nad.M0Scope): under probe=linear/mlp only the head, on the
+Unlearning fine-tunes M0's trainable scope (defenses/_features.Scope.of_model): under probe=linear/mlp only the head, on the
 frozen features of the clean and stamped images, which is what NC can still do there (weak by design).
 
 Deviations, and why: inversion and unlearning read the clean share, not the test set (the authors' example inverts
 on X_test); no selection rule is made on data (the thresholds are fixed), so NC uses all of its clean share and
 holds nothing out. Batch 32 is the authors' (BackdoorBench inverts at its loader's 256, which on a 200-image share
 is one Adam step an epoch). Unlearning is BackdoorBench's fine-tuning (100 epochs of 2 500 images at batch 256 =
-1 000 steps, SGD momentum 0.9, weight decay 5e-4) as optimiser steps at the probe's own learning rates, constant (no
-cosine: the shared train_loop has no schedule); the stamp is the blend above, quantised to uint8 like an image
-(BackdoorBench adds a min-max-rescaled copy of mask x pattern instead).
+1 000 steps, SGD momentum 0.9, weight decay 5e-4) as optimiser steps at the probe's own learning rates, constant
+(BackdoorBench anneals its lr with a cosine over those 100 epochs: not switched on, see conf/defense/nc.yaml); the
+stamp is the blend above, quantised to uint8 like an image (BackdoorBench adds a min-max-rescaled copy of mask x
+pattern instead).
 """
 
 from __future__ import annotations
@@ -43,10 +44,9 @@ from tqdm.auto import tqdm
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext, to_float, to_uint8
 from securetl.probe import Probe
 
-from ._features import reference_model
+from ._features import Scope, reference_model, require_clean, train_steps
 from ._inversion import EarlyStop, Inverted, LambdaSchedule, invert_trigger, stamp
 from ._scoring import mad_anomaly_index
-from .nad import M0Scope, require_clean
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +169,15 @@ class NeuralCleanse(Defense):
 
     def unlearn(self, m0: Model, data: LabeledSet, probe: Probe, ctx: RunContext) -> Model:
         """Step 3: fine-tune M0's trainable scope on the clean + stamped mix."""
-        scope = M0Scope.of(m0, probe, data.x, ctx)
-        module = scope.module(ctx)
-        epochs = scope.finetune(
+        scope = Scope.of_model(m0, probe, data.x, ctx)
+        module = scope.module(ctx.num_classes, ctx)
+        epochs = train_steps(
             module,
-            scope.scope.inputs,
+            scope.inputs,
             data.y,
             ctx,
             ctx.generator(salt=21403),
+            probe,
             steps=self.unlearn_steps,
             batch_size=self.unlearn_batch_size,
             lr_scale=self.unlearn_lr_scale,

@@ -16,8 +16,9 @@ The threshold (or number) is chosen on the held-out part of the clean share (def
 print test ASR for every threshold. Unlearning and recovery run in train mode (BN on batch statistics), as both codes.
 Deviations: no gradient clipping (both codes call clip_grad_norm_ before backward, on the previous step's zeroed
 gradients: a no-op); 20 unlearning epochs at most (BackdoorBench; bboylyg/RNP's loop runs 21); the clean samples are
-memoised activations (no crop/flip augmentation). The unlearn and recover loops are the shared ones T-Core's channel
-filter uses (defenses/_pruning.py).
+memoised activations (no crop/flip augmentation). Unlearning is securetl.probe.train_loop with the step schedule and
+an end-of-epoch stopping check (defenses/_pruning.unlearn, ABL's unlearning too); mask recovery is the loop T-Core's
+channel filter uses (defenses/_pruning.recover_masks).
 """
 
 from __future__ import annotations
@@ -69,15 +70,16 @@ class RNP(MaskPruning):
             work,
             inputs,
             y,
+            ctx,
             g,
             weights,
+            epochs=self.unlearning_epochs,
             threshold=self.clean_threshold,
             lr=self.unlearning_lr,
             weight_decay=self.weight_decay,
             batch_size=self.batch_size,
-            epochs=self.unlearning_epochs,
             milestones=self.schedule,
-            num=ctx.num,
+            desc="rnp[unlearn]",
         )
         self.diagnostics["rnp/unlearn_epochs"] = info["epochs"]
         self.diagnostics["rnp/unlearn_acc"] = info["acc"]

@@ -38,6 +38,7 @@ import torch
 from securetl.interfaces import Knowledge
 
 from ._detection import DetectionDefense
+from ._features import require_clean
 from ._scoring import host_blas, mad_anomaly_index
 
 EPS = 1e-5
@@ -134,8 +135,7 @@ class SCAn(DetectionDefense):
         self.threshold, self.em_iters, self.max_dim = float(threshold), int(em_iters), max_dim
 
     def detect(self, encoder, model, train, probe, ctx):
-        if ctx.clean is None or len(ctx.clean) == 0:
-            raise ValueError("SCAn needs the clean reserve (defense.clean_fraction > 0)")
+        require_clean(ctx, "SCAn")
         fi = self.features(model, train, ctx).double().numpy()
         fc = self.features(model, ctx.clean, ctx).double().numpy()
         with host_blas():

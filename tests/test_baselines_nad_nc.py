@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from securetl.defenses._attention import align_betas, attention_loss, attention_map, attention_transfer
+from securetl.defenses._features import epochs_for
 from securetl.defenses._inversion import EarlyStop, LambdaSchedule, _Best, _Lambda, invert_trigger, stamp
-from securetl.defenses.nad import NAD, AtEpochEnd, _Selection, epochs_for, nad_loss
+from securetl.defenses.nad import NAD, _Selection, nad_loss
 from securetl.defenses.nc import NeuralCleanse, outliers, unlearning_set
 from securetl.encoders.resnet import cifar_resnet18
 from securetl.interfaces import LabeledSet, RunContext, to_uint8
@@ -74,12 +75,29 @@ def test_nad_attention_term_is_zero_for_identical_networks_and_positive_for_diff
 def test_nad_selection_keeps_the_last_epoch_above_the_floor_checked_at_every_epoch_end():
     # the schedule: steps -> epochs on the clean share (at least `steps` updates)
     assert epochs_for(800, 160, 64) == 267 and epochs_for(5, 1000, 64) == 1
-    seen = []
-    hook = AtEpochEnd(lambda m, xb, yb: xb.sum(), n=10, batch_size=4, check=lambda m, e: seen.append(e))
+    # NAD's check runs at train_loop's on_epoch_end: after every epoch's last step, the last epoch included, in one
+    # run of the optimiser, and training resumes in train mode after a check that evaluated the module
+    seen, steps, modes = [], [0], []
+
+    def loss_fn(m, xb, yb):
+        steps[0] += 1
+        modes.append(m.training)
+        return F.cross_entropy(m(xb), yb)
+
+    def check(epoch):
+        seen.append((epoch, steps[0]))
+        module.eval()
+
+    module = nn.Linear(2, 2)
+    x, y = torch.randn(10, 2, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 2
+    groups = [{"params": list(module.parameters()), "lr": 0.1}]
+    g = torch.Generator().manual_seed(0)
+    train_loop(
+        module, x, y, _ctx(2), groups, epochs=3, batch_size=4, g=g, loss_fn=loss_fn, on_epoch_end=check
+    )
+    assert seen == [(1, 3), (2, 6), (3, 9)]  # three epochs of ceil(10 / 4) = 3 batches
+    assert all(modes) and not module.training
     module = nn.Linear(1, 1)
-    for _ in range(3 * 3):  # three epochs of ceil(10 / 4) = 3 batches
-        hook(module, torch.ones(1), None)
-    assert seen == [1, 2]  # the last epoch's check is the caller's, after the loop
     rule = _Selection(floor=0.5)
     for epoch, acc in enumerate([0.6, 0.7, 0.4, 0.55, 0.3], start=1):
         module.weight.data.fill_(epoch)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from securetl.defenses import _pruning
+from securetl.defenses._features import Scope, accuracy, clean_split, epochs_for, require_clean
 from securetl.defenses._pruning import (
     MaskedBN,
     bn_weights,
@@ -32,15 +33,15 @@ from securetl.defenses.anp import ANP, optimize_masks
 from securetl.defenses.fp import FinePruning
 from securetl.defenses.rnp import RNP
 from securetl.encoders.resnet import cifar_resnet18
-from securetl.interfaces import LabeledSet, RunContext
+from securetl.interfaces import LabeledSet, Model, RunContext
 from securetl.pipeline import run
-from securetl.probe import Probe, _Tail
+from securetl.probe import Probe, _lr_schedule, _Tail, make_head, train_loop
 from securetl.validate import ConfigError
 
 
-def _tail(width: int = 4, classes: int = 3, n_stages: int = 2, seed: int = 0) -> _Tail:
-    """The top stages of a small encoder + a linear head, with BN weights and statistics that are not the
-    initial ones (so a zero is a pruned channel, and running statistics matter)."""
+def _encoder(width: int = 4, seed: int = 0) -> nn.Module:
+    """A small encoder with BN weights and statistics that are not the initial ones (so a zero is a pruned channel,
+    and running statistics matter)."""
     torch.manual_seed(seed)
     enc = cifar_resnet18(width).eval()
     g = torch.Generator().manual_seed(seed)
@@ -51,6 +52,12 @@ def _tail(width: int = 4, classes: int = 3, n_stages: int = 2, seed: int = 0) ->
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return enc
+
+
+def _tail(width: int = 4, classes: int = 3, n_stages: int = 2, seed: int = 0) -> _Tail:
+    """The top stages of `_encoder` + a linear head."""
+    enc = _encoder(width, seed)
     return _Tail(enc, len(enc.stages) - n_stages, nn.Linear(enc.feat_dim, classes)).eval()
 
 
@@ -185,20 +192,151 @@ def test_unlearn_per_epoch_stops_at_the_threshold_and_restores_requires_grad():
         opt.step()
     flags = {n: p.requires_grad for n, p in work.named_parameters()}
     weights = [p for n, p in work.named_parameters() if not n.endswith(".mask")]
+    ctx = RunContext(device=torch.device("cpu"), seed=0, num_classes=2, progress=False)
     info = unlearn(
         work,
         acts,
         y,
+        ctx,
         torch.Generator().manual_seed(0),
         weights,
+        epochs=30,
         threshold=0.2,
         lr=0.05,
         batch_size=16,
-        epochs=30,
     )
     assert info["acc"] <= 0.2 and info["epochs"] < 30
+    assert info["steps"] == info["epochs"] * 4  # 64 samples at batch 16
     assert {n: p.requires_grad for n, p in work.named_parameters()} == flags
     assert all(float(m) == 1.0 for m in torch.cat(list(masks(work).values())))  # masks are not unlearned
+
+
+# --------------------------------------------------------------------------- shared pieces (defenses/_features.py, train_loop)
+CPU_CTX = RunContext(device=torch.device("cpu"), seed=0, num_classes=3, progress=False)
+
+
+def _m0(seed: int = 0) -> Model:
+    """A small 'trained' M0: an encoder (frozen, as the pipeline hands it out) + a head on its features."""
+    enc = _encoder(seed=seed).requires_grad_(False)
+    return Model(enc, make_head("linear", torch.randn(20, enc.feat_dim), 3, 16)).eval()
+
+
+def test_scope_of_model_copies_m0s_part_and_puts_the_trained_part_back():
+    m0 = _m0()
+    before = copy.deepcopy(m0.state_dict())
+    x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    probe = Probe("finetune", trainable="last2", lr=0.1, encoder_lr=0.01)
+    scope = Scope.of_model(m0, probe, x, CPU_CTX)
+    n = len(m0.encoder.stages)
+    assert scope.start == n - 2 and scope.head is m0.head
+    assert torch.equal(scope.inputs, m0.encoder.forward_until(x.float() / 255, n - 2))
+    module = scope.module(3, CPU_CTX)
+    assert isinstance(module, _Tail) and len(module.stages) == 2
+    assert all(p.requires_grad for p in module.parameters())
+    # a copy: the same function as M0's part, no shared tensors
+    with torch.no_grad():
+        assert torch.equal(module(scope.inputs), m0.head(m0.encoder.forward_from(scope.inputs, n - 2)))
+    shared = {p.data_ptr() for p in m0.parameters()} & {p.data_ptr() for p in module.parameters()}
+    assert not shared
+    groups = Scope.groups(module, probe, scale=0.5)
+    assert [gr["lr"] for gr in groups] == [0.005, 0.05]
+    assert sum(len(gr["params"]) for gr in groups) == len(list(module.parameters()))
+    with torch.no_grad():
+        for q in module.parameters():
+            q.add_(1.0)
+    model = scope.model(module)
+    assert model.head is module.head and all(
+        model.encoder.stages[n - 2 + i] is s for i, s in enumerate(module.stages)
+    )
+    for i in range(n - 2):  # the stages below the scope are M0's, copied
+        for a, b in zip(model.encoder.stages[i].parameters(), m0.encoder.stages[i].parameters()):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    assert not any(q.requires_grad for q in model.encoder.parameters())  # frozen, as encoders are handed out
+    after = m0.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # M0 is not touched
+    # a frozen-encoder probe: the head alone, on the encoder's features; `stages`: M0's top stages whatever the probe
+    lin = Scope.of_model(m0, Probe("linear"), x, CPU_CTX)
+    head = lin.module(3, CPU_CTX)
+    assert lin.start is None and not isinstance(head, _Tail) and head is not m0.head
+    assert lin.model(head).encoder is m0.encoder and lin.model(head).head is head
+    top3 = Scope.of_model(m0, Probe("linear"), x, CPU_CTX, stages=3)
+    assert top3.start == n - 3 and len(top3.module(3, CPU_CTX).stages) == 3
+
+
+def test_accuracy_and_the_clean_share_checks():
+    lin = nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(2))
+        lin.bias.zero_()
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 1, 0, 0, 0, 1, 1])
+    assert accuracy(lin, x, y, CPU_CTX) == 5 / 7  # the exact ratio (not a float32 mean)
+    assert accuracy(lin, x, y, batch=2) == 5 / 7
+    assert math.isnan(accuracy(lin, x[:0], y[:0], CPU_CTX))
+    # every method's refusal is one line, the detectors' text unchanged
+    for method in ("ASSET", "SCAn", "CT", "rnp"):
+        with pytest.raises(ValueError) as e:
+            require_clean(CPU_CTX, method)
+        assert str(e.value) == f"{method} needs the clean reserve (defense.clean_fraction > 0)"
+    clean = LabeledSet(torch.zeros(6, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 0, 1, 1, 2, 2]))
+    ctx = dataclasses.replace(CPU_CTX, clean=clean)
+    fit, held = clean_split(ctx, "x", 0.2, torch.Generator().manual_seed(0))
+    assert torch.bincount(held.y).tolist() == [1, 1, 1] and len(fit) == 3
+    one = dataclasses.replace(CPU_CTX, clean=LabeledSet(clean.x[:3], torch.arange(3)))
+    fit, held = clean_split(one, "x", 0.2, torch.Generator().manual_seed(0), strict=False)
+    assert len(fit) == 3 and len(held) == 0  # a caller with a fallback rule gets the empty holdout
+    assert epochs_for(40, 10, 64) == 40 and epochs_for(1000, 200, 256) == 1000 and epochs_for(3, 500, 64) == 1
+
+
+def _loop(schedule=None, on_epoch_end=None, epochs: int = 4, lr: float = 0.1):
+    """A linear model trained by train_loop on a fixed toy set, the same draws every call."""
+    torch.manual_seed(0)
+    module = nn.Linear(4, 3)
+    x, y = torch.randn(40, 4, generator=torch.Generator().manual_seed(1)), torch.arange(40) % 3
+    g = torch.Generator().manual_seed(2)
+    train_loop(
+        module,
+        x,
+        y,
+        CPU_CTX,
+        [{"params": list(module.parameters()), "lr": lr}],
+        epochs=epochs,
+        batch_size=8,
+        g=g,
+        schedule=schedule,
+        on_epoch_end=on_epoch_end,
+    )
+    return module
+
+
+def test_train_loop_schedules_and_epoch_hook():
+    plain = _loop()
+    # the hooks, when they do nothing, leave training bit-identical to the plain loop
+    inert = _loop(schedule=[], on_epoch_end=lambda e: None)
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), inert.parameters()))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(plain.parameters(), _loop(schedule="cosine").parameters())
+    )
+    # the lr after each epoch: cosine (FP, FT: BackdoorBench's CosineAnnealingLR over the epochs) and x0.1 steps
+    # (RNP, ABL: MultiStepLR)
+    for schedule, want in (
+        ("cosine", [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(1, 5)]),
+        ([2, 3], [0.1, 0.01, 0.001, 0.001]),
+    ):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        step = _lr_schedule(opt, schedule, 4)
+        lrs = []
+        for e in range(1, 5):
+            opt.step()  # an epoch's updates (no gradients here), then the epoch's schedule step
+            step(e)
+            lrs.append(opt.param_groups[0]["lr"])
+        assert lrs == pytest.approx(want, abs=1e-12), schedule
+    with pytest.raises(ValueError, match="schedule"):
+        _lr_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), "linear", 4)
+    # True from the hook stops the loop after that epoch (RNP's unlearning threshold)
+    done = []
+    _loop(on_epoch_end=lambda e: done.append(e) or e == 2)
+    assert done == [1, 2]
 
 
 # --------------------------------------------------------------------------- ANP
@@ -382,4 +520,4 @@ def test_a_clean_share_too_small_for_a_holdout_is_refused():
     clean = LabeledSet(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.arange(3))  # one image per class
     ctx = RunContext(device=torch.device("cpu"), seed=0, num_classes=3, progress=False, clean=clean)
     with pytest.raises(ValueError, match="holdout"):
-        _pruning.clean_split(ctx, 0.2, torch.Generator().manual_seed(0), "rnp")
+        clean_split(ctx, "rnp", 0.2, torch.Generator().manual_seed(0))

@@ -87,6 +87,20 @@ def test_abl_unlearning_raises_the_isolated_samples_loss():
     ] == 40  # one batch, 40 epochs
 
 
+def test_abl_finetunes_in_one_optimiser_run_and_unlearns_with_the_shared_ascent(monkeypatch):
+    # both codes' learning_rate_finetuning: one SGD, lr x 0.1 at epoch 40 of 60 (not a fresh optimiser there)
+    calls = []
+    monkeypatch.setattr(abl_mod, "train_loop", lambda *a, **kw: calls.append(kw))
+    module, probe = nn.Linear(4, 2), Probe("linear", lr=0.1)
+    ABL(finetuning_epochs=60).finetune(
+        module, torch.zeros(8, 4), torch.zeros(8, dtype=torch.long), probe, _ctx(2), None
+    )
+    assert len(calls) == 1 and calls[0]["epochs"] == 60 and calls[0]["schedule"] == [40]
+    from securetl.defenses import _pruning
+
+    assert abl_mod.unlearn is _pruning.unlearn  # RNP's gradient ascent, without its accuracy stop
+
+
 # --------------------------------------------------------------------------- splits
 def test_class_aware_global_and_meta_splits_return_the_sizes_they_promise():
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,8 @@
                         recovery, which is where a backdoor lives.
 
 A channel is a BatchNorm channel: the mask scales that BN's affine weight and bias (as in RNP's masked BN). The
-masked BN, unlearning and mask recovery are the shared ones of defenses/_pruning.py (RNP and ANP use them too).
+masked BN, unlearning and mask recovery are the shared ones of defenses/_pruning.py (RNP and ANP use them too), the
+accuracy check defenses/_features.accuracy (every baseline's).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from torch import Tensor, nn
 
 from securetl.numerics import Numerics
 
-from .._pruning import MaskedBN, accuracy, mask_bns, masked_bns, unmask
+from .._features import accuracy
+from .._pruning import MaskedBN, mask_bns, masked_bns, unlearn_per_step, unmask
 from .._pruning import recover_masks as _recover_masks
-from .._pruning import unlearn as _unlearn
 
 __all__ = [
     "MaskedBN",
@@ -84,7 +85,7 @@ def unlearn(
     Accuracy is checked after every step: with momentum, ten steps can carry it from above the threshold to
     half of it, and how far unlearning overshoots decides how many masks recovery pulls down."""
     params = [p for _, m in tail.bns() for p in (m.weight, m.bias)]
-    info = _unlearn(
+    info = unlearn_per_step(
         tail,
         acts,
         y,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -302,6 +302,7 @@ class Probe:
 
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+Schedule = Literal["cosine"] | Sequence[int] | None  # train_loop's learning-rate schedule
 
 
 def cross_entropy_loss(module: nn.Module, xb: Tensor, yb: Tensor) -> Tensor:
@@ -323,18 +324,24 @@ def train_loop(
     augment: bool = False,
     loss_fn: LossFn = cross_entropy_loss,
     desc: str = "train",
+    schedule: Schedule = None,
+    on_epoch_end: Callable[[int], bool | None] | None = None,
 ) -> None:
     """Minibatch training of `module` on `inputs` (images, or memoised features/activations) and labels `y`:
     the probe's loop, shared by every defense that trains the probe's scope itself. `groups` are optimiser
     parameter groups (each with its `lr`); `loss_fn(module, xb, yb)` (default: CE of module(xb)) lets a method
     add its own terms; `augment` = crop + flip on image batches. Batches are drawn from `g`; the forward runs
-    under the run's autocast. Leaves `module` in eval mode."""
+    under the run's autocast. `schedule`, stepped once an epoch: None (constant lr), "cosine" (to 0 over the
+    epochs: CosineAnnealingLR, T_max = epochs) or a list of epochs after which every lr is multiplied by 0.1
+    (MultiStepLR). `on_epoch_end(epochs_done)` runs after each epoch and its schedule step (it may evaluate the
+    module; training mode is restored after it); True stops the loop there. Leaves `module` in eval mode."""
     if optimizer == "sgd":
         opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
     elif optimizer == "adam":
         opt = torch.optim.Adam(groups, weight_decay=weight_decay)
     else:
         raise ValueError(f"optimizer={optimizer!r}; choose sgd or adam")
+    step_lr = _lr_schedule(opt, schedule, epochs)
     n = len(y)
     num = ctx.num
     # inputs and labels on the device once
@@ -344,7 +351,7 @@ def train_loop(
     bar = tqdm(
         range(epochs), desc=desc, disable=bar_disabled(ctx.progress) or epochs * n < 200_000, leave=False
     )
-    for _ in bar:
+    for epoch in bar:
         perm = num.put(torch.randperm(n, generator=g))
         for s in range(0, n, batch_size):
             idx = perm[s : s + batch_size]
@@ -356,7 +363,33 @@ def train_loop(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if step_lr is not None:
+            step_lr(epoch + 1)
+        if on_epoch_end is not None:
+            if on_epoch_end(epoch + 1):
+                break
+            module.train()
     module.eval()
+
+
+def _lr_schedule(opt: torch.optim.Optimizer, schedule: Schedule, epochs: int) -> Callable[[int], None] | None:
+    """What train_loop calls after each epoch (with the epochs done) to step the learning rate; None: constant."""
+    if schedule is None:
+        return None
+    if schedule == "cosine":
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+        return lambda _: cosine.step()
+    if isinstance(schedule, str):
+        raise ValueError(f"schedule={schedule!r}; choose cosine, a list of milestone epochs, or None")
+    milestones = {int(m) for m in schedule}
+
+    def step(done: int) -> None:
+        # in place, as MultiStepLR's step: after epoch `done`, x 0.1 when it is a milestone
+        if done in milestones:
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
+
+    return step
 
 
 @torch.no_grad()
