@@ -212,11 +212,12 @@ def train_steps(
     weight_decay: float,
     loss_fn: LossFn = cross_entropy_loss,
     on_epoch_end: Callable[[int], bool | None] | None = None,
+    schedule: str | None = None,
     desc: str = "finetune",
 ) -> int:
-    """SGD (momentum 0.9) on a scope module at the probe's learning rates x `lr_scale`, constant, for the whole
-    epochs that make `steps` updates (a schedule given in the reference's optimiser steps, on a smaller clean
-    share); returns the epochs run."""
+    """SGD (momentum 0.9) on a scope module at the probe's learning rates x `lr_scale` (constant, or `schedule`:
+    train_loop's cosine), for the whole epochs that make `steps` updates (a schedule given in the reference's
+    optimiser steps, on a smaller clean share); returns the epochs run."""
     epochs = epochs_for(steps, len(y), batch_size)
     train_loop(
         module,
@@ -231,6 +232,7 @@ def train_steps(
         weight_decay=weight_decay,
         loss_fn=loss_fn,
         on_epoch_end=on_epoch_end,
+        schedule=schedule,
         desc=desc,
     )
     return epochs

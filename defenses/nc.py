@@ -24,8 +24,8 @@ Deviations, and why: inversion and unlearning read the clean share, not the test
 on X_test); no selection rule is made on data (the thresholds are fixed), so NC uses all of its clean share and
 holds nothing out. Batch 32 is the authors' (BackdoorBench inverts at its loader's 256, which on a 200-image share
 is one Adam step an epoch). Unlearning is BackdoorBench's fine-tuning (100 epochs of 2 500 images at batch 256 =
-1 000 steps, SGD momentum 0.9, weight decay 5e-4) as optimiser steps at the probe's own learning rates, constant
-(BackdoorBench anneals its lr with a cosine over those 100 epochs: not switched on, see conf/defense/nc.yaml); the
+1 000 steps, SGD momentum 0.9, weight decay 5e-4) as optimiser steps at the probe's own learning rates, annealed
+with a cosine over those steps as BackdoorBench's CosineAnnealingLR over its 100 epochs (`unlearn_schedule`); the
 stamp is the blend above, quantised to uint8 like an image (BackdoorBench adds a min-max-rescaled copy of mask x
 pattern instead).
 """
@@ -107,6 +107,7 @@ class NeuralCleanse(Defense):
         unlearn_batch_size: int = 256,
         unlearn_lr_scale: float = 1.0,
         unlearn_weight_decay: float = 5e-4,
+        unlearn_schedule: str | None = "cosine",
         clean_fraction: float | None = None,
     ) -> None:
         super().__init__(clean_fraction)
@@ -121,6 +122,9 @@ class NeuralCleanse(Defense):
         self.unlearning_ratio, self.unlearn_steps = float(unlearning_ratio), int(unlearn_steps)
         self.unlearn_batch_size, self.unlearn_lr_scale = int(unlearn_batch_size), float(unlearn_lr_scale)
         self.unlearn_weight_decay = float(unlearn_weight_decay)
+        if unlearn_schedule not in (None, "cosine"):
+            raise ValueError(f"defense.unlearn_schedule={unlearn_schedule!r}; choose cosine or null")
+        self.unlearn_schedule = unlearn_schedule
 
     # ------------------------------------------------------------------ the three steps
     def reverse_engineer(self, model: nn.Module, images: Tensor, ctx: RunContext) -> list[Inverted]:
@@ -182,6 +186,7 @@ class NeuralCleanse(Defense):
             batch_size=self.unlearn_batch_size,
             lr_scale=self.unlearn_lr_scale,
             weight_decay=self.unlearn_weight_decay,
+            schedule=self.unlearn_schedule,
             desc="nc unlearn",
         )
         self.diagnostics["nc/unlearn_epochs"] = epochs
