@@ -2,7 +2,7 @@
 downstream model a probe trains, and the clean share -- one implementation for every defense that trains or repairs
 that part itself (CT, ASSET, ABL, DBD, ASD, FT/FP, ANP, RNP, NAD, NC; T-Core's accuracy check).
 
-`reference_model`  M0: the probe trained on all of D (what `defense=none` would deploy).
+`reference_model`  M0: the probe trained on all of D (what `defense=none` would deploy), cached per sweep cell.
 `features`         M0's representation of images, memoised: the encoder's output (the penultimate layer:
                    the frozen encoder under a linear/MLP probe, the fine-tuned encoder under probe=finetune),
                    or the logits. Extends securetl.probe.memo_forward (keyed on the encoder's weights).
@@ -23,6 +23,7 @@ selections (sorting, thresholds) happen on the host and are reproducible.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from securetl.cache import config_hash, plain
+from securetl.encoders.obtain import digest
 from securetl.interfaces import LabeledSet, Model, RunContext
 from securetl.knowledge import split_holdout
 from securetl.numerics import Numerics
@@ -48,8 +51,69 @@ from securetl.probe import (
 
 
 def reference_model(encoder: nn.Module, train: LabeledSet, probe: Probe, ctx: RunContext) -> Model:
-    """M0: the probe trained on all of D, from the same initialisation as the final model."""
-    return probe.fit(encoder, train, ctx)
+    """M0: the probe trained on all of D, from the same initialisation as the final model.
+
+    Cached (kind `m0`): eleven defenses start from M0, and in a sweep they all train the same one for a cell (same
+    encoder weights, training set, probe, seed and numerics). The artifact also holds the global RNG state the
+    training left behind, restored on a hit, so that what a defense draws afterwards is what it would have drawn
+    after training M0 itself: a hit and a miss give the same run, bit for bit."""
+    key = config_hash(
+        "m0",
+        _weights_digest(encoder),
+        digest(train.x),
+        digest(train.y),
+        plain(vars(probe)),
+        ctx.seed,
+        ctx.num_classes,
+        ctx.num.record(),
+    )
+    cache = ctx.cache
+    with cache.building("m0", key):
+        state = cache.load_state("m0", key)
+        if state is not None:
+            rng = {k: state.pop(k) for k in [k for k in state if k.startswith(_RNG)]}
+            model = _m0_skeleton(encoder, probe, state, ctx)
+            model.load_state_dict(state, strict=True)
+            _set_rng(rng)
+            return ctx.num.module(model.eval())
+        model = probe.fit(encoder, train, ctx)
+        cache.save_state("m0", key, {**model.state_dict(), **_get_rng()}, {"probe": plain(vars(probe))})
+        return model
+
+
+_RNG = "_rng/"
+
+
+def _weights_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _get_rng() -> dict[str, Tensor]:
+    out = {f"{_RNG}cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out |= {f"{_RNG}cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return out
+
+
+def _set_rng(rng: dict[str, Tensor]) -> None:
+    torch.set_rng_state(rng[f"{_RNG}cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith(f"{_RNG}cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _m0_skeleton(encoder: nn.Module, probe: Probe, state: dict[str, Tensor], ctx: RunContext) -> Model:
+    """A Model shaped as `probe.fit` returns it, for `state` to be loaded into: the received encoder itself under a
+    frozen probe (fit trains only the head), a trainable copy under fine-tuning."""
+    d = state["head.0.mean"].shape[0]  # every head starts with its Standardize (probe.make_head)
+    head = make_head(
+        probe.kind if probe.frozen else probe.head, torch.zeros(2, d), ctx.num_classes, probe.hidden
+    )
+    return Model(encoder if probe.frozen else trainable_copy(encoder), head)
 
 
 def features(model: Model, images: Tensor, ctx: RunContext, layer: str = "encoder") -> Tensor:
