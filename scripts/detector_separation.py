@@ -60,8 +60,12 @@ def separation(f: np.ndarray, is_poison: np.ndarray, seed: int) -> dict[str, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run, e.g. threat=t2_badnets seed=0")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides of the run, e.g. threat=t2_badnets seed=0"
+    )
     args = parser.parse_args()
 
     import securetl.run  # noqa: F401  registers the config resolvers

@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def summarize(df: pd.DataFrame, baseline: str = "none") -> pd.DataFrame:
     if not {"threat", "defense", "acc_mean", "asr_mean"} <= set(df.columns):
-        raise SystemExit("the CSV needs threat, defense, acc_mean and asr_mean columns (rows: [threat, defense])")
+        raise SystemExit(
+            "the CSV needs threat, defense, acc_mean and asr_mean columns (rows: [threat, defense])"
+        )
     time_col = "time:defense_mean" if "time:defense_mean" in df else None
     attacked = df[df["threat"] != "clean"]
-    base_time = (
-        attacked[attacked["defense"] == baseline].set_index("threat")[time_col] if time_col else None
-    )
+    base_time = attacked[attacked["defense"] == baseline].set_index("threat")[time_col] if time_col else None
     out = []
     for name, g in attacked.groupby("defense", sort=False):
         rec = {
@@ -41,13 +41,17 @@ def summarize(df: pd.DataFrame, baseline: str = "none") -> pd.DataFrame:
         if time_col:
             rec["seconds"] = g[time_col].mean()
             shared = g.set_index("threat")[time_col].reindex(base_time.index).dropna()
-            rec["x none"] = shared.mean() / base_time.loc[shared.index].mean() if len(shared) else float("nan")
+            rec["x none"] = (
+                shared.mean() / base_time.loc[shared.index].mean() if len(shared) else float("nan")
+            )
         out.append(rec)
     return pd.DataFrame(out).set_index("defense")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name", help="table preset name, e.g. baselines_synthetic")
     parser.add_argument("--tables", type=Path, default=ROOT / "results" / "tables")
     args = parser.parse_args()

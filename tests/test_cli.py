@@ -177,7 +177,7 @@ def test_a_table_sweeping_a_group_override_renders_its_rows(tmp_path):
         }
         (raw / f"r{size}.json").write_text(json.dumps(row))
     md = render("floor", tmp_path / "results", conf_dir=tmp_path / "conf")
-    assert re.search(r"\|\s*6\s*\|\s*3\s*\|", md) and re.search(r"\|\s*7\s*\|\s*4\s*\|", md)
+    assert re.search(r"\|\s*6\s*\|\s*3\.00\s*\|", md) and re.search(r"\|\s*7\s*\|\s*4\.00\s*\|", md)
     assert "Missing" not in md
 
 

@@ -11,8 +11,6 @@ row      -> results/raw/<run_id>.json                one JSON row, atomically
 from __future__ import annotations
 
 import logging
-import time
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from securetl import results
+from securetl import progress, results
 from securetl.build import build
 from securetl.cache import Cache, plain
 from securetl.deltas import apply_deltas
@@ -43,13 +41,9 @@ from securetl.validate import (
 log = logging.getLogger(__name__)
 
 
-@contextmanager
 def timed(timings: dict[str, float], phase: str):
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[phase] = round(time.perf_counter() - t0, 3)
+    """Time a phase into `timings` and log its start and end (progress.phase)."""
+    return progress.phase(phase, timings, log)
 
 
 def triggers_in_play(
@@ -111,6 +105,10 @@ def run(
     if cfg.resume and (existing := results.load_row(raw_dir, run_id)) is not None:
         log.info("run %s already finished (resume=true): skipping", run_id)
         existing["skipped"] = True
+        mirror = build(cfg.logger)  # the sweep's wandb group still gets this cell, marked skipped
+        mirror.start(results.resolved(cfg), run_id, choices, skipped=True)
+        mirror.log_row(existing)
+        mirror.finish()
         return existing
 
     # ---- everything that can be wrong in the config fails here, before any data or model work
@@ -148,7 +146,7 @@ def run(
         seed=int(cfg.seed),
         num_classes=splits.num_classes,
         cache=Cache(cfg.paths.cache_dir, enabled=bool(cfg.cache)),
-        progress=bool(cfg.progress),
+        progress=progress.bars_enabled(bool(cfg.progress)),  # no bars into a redirected or SLURM log
         numerics=numerics,
     )
 
@@ -175,6 +173,7 @@ def run(
     set_seed(int(cfg.seed))
     # the defense's own context: its share of the clean reserve, and no diagnostics of the attacks so far
     defense_ctx = replace(ctx, clean=clean, diagnostics={})
+    defense.decisions = progress.DecisionLog(choices.get("defense", defense.name), defense.decisions)
     with timed(timings, "defense"):
         # the defense gets the LabeledSet only: poison_idx never reaches it
         model = defense.train(encoder, poisoned.train, probe, defense_ctx)
@@ -203,15 +202,9 @@ def run(
     row["deltas"] = deltas
     row["knowledge"] = record_knowledge(knowledge, clean)
     results.write_row(raw_dir, row)
-    logger.log(metrics | {f"time/{k}": v for k, v in timings.items()})
+    logger.log_row(row)  # metrics, diagnostics, timings (total included) and memory
     logger.finish()
-    log.info(
-        "run %s: ACC %.2f%%  ASR %.2f%% (%s)",
-        run_id,
-        100 * metrics["acc"],
-        100 * metrics["asr"],
-        metrics["asr_source"],
-    )
+    log.info("%s", progress.summary(run_id, metrics))
     return row
 
 

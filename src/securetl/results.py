@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # The numerics (`device`, `precision`, `deterministic`, `threads`) stay out too, as `device` always has: a
 # row records them (`numerics`), and the table tool warns when one cell mixes rows made under different ones.
 NUMERICS_KEYS = ("device", "precision", "deterministic", "threads")
+# A user's notes on a run and what a sweep optimises: recorded in the row, never part of what it computes.
+METADATA_KEYS = ("note", "tags", "objective")
 NON_SEMANTIC_KEYS = (
     "paths",
     "logger",
@@ -39,6 +41,7 @@ NON_SEMANTIC_KEYS = (
     "hydra",
     "deltas",
     *NUMERICS_KEYS,
+    *METADATA_KEYS,
 )
 # Nested keys of the same kind: where the data live (`dataset.root` defaults to ${paths.data_dir}).
 NON_SEMANTIC_LEAVES = ("dataset.root",)
@@ -241,6 +244,54 @@ def make_row(
         "cache_keys": cache_keys,
         "overrides": list(overrides or []),
         "config": resolved(cfg, ("hydra", "paths")),
+    } | row_metadata(cfg)
+
+
+def git_dirty() -> bool | None:
+    """Whether the source tree has uncommitted changes to tracked files (then `git_sha` does not say what
+    computed the row); None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str]:
+    """The versions of what computes a row: Python and the libraries whose numerics it depends on."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("securetl", "torch", "torchvision", "timm", "numpy", "scikit-learn"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def row_metadata(cfg: DictConfig) -> dict[str, Any]:
+    """What a row records about the run but does not hash into its run_id: when it finished, whether the
+    code had uncommitted changes, library versions, the run's Hydra output folder (its log), and the user's
+    `note` and `tags`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    tags = OmegaConf.select(cfg, "tags", default=None)
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_dirty": git_dirty(),
+        "versions": versions(),
+        "output_dir": output_dir,
+        "note": OmegaConf.select(cfg, "note", default=None),
+        "tags": [str(t) for t in tags],
     }
 
 

@@ -9,8 +9,10 @@ records are what carry failures out of joblib or SLURM workers, which run in oth
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -20,8 +22,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from securetl.check import import_hint
 from securetl.validate import ConfigError
 
 log = logging.getLogger("securetl")
@@ -31,6 +34,11 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # A per-process id keeps Hydra output dirs of two runs started in the same second apart.
 OmegaConf.register_new_resolver("uid", lambda: uuid.uuid4().hex[:6], use_cache=True, replace=True)
+# `${securetl.or:${hydra.runtime.choices.table},sweep}`: a value that may be null, with a default (the SLURM
+# job name of conf/hydra/launcher/slurm.yaml)
+OmegaConf.register_new_resolver(
+    "securetl.or", lambda value, default: default if value is None else value, replace=True
+)
 
 # Set by the sweep's own process before its jobs start, and inherited by launcher workers: it tells this
 # sweep's failure records from older ones.
@@ -66,8 +74,10 @@ def app(cfg: DictConfig) -> float | None:
     cell = f"[job {hc.job.num}] " if sweep else ""  # which cell of a sweep a message is about
     choices = results.choices_of(cfg)
     try:
+        objective = parse_objective(cfg.get("objective", "acc"))
         row = pipeline.run(cfg, choices=choices, overrides=overrides)
     except ConfigError as e:
+        e = ConfigError(import_hint(str(e), _config_dirs(hc)))  # a user's module not on PYTHONPATH: say so
         log.error("%s", e)
         print(f"securetl: error: {cell}{e}", file=sys.stderr)
         if not sweep:
@@ -82,8 +92,81 @@ def app(cfg: DictConfig) -> float | None:
         _record_failure(cfg, choices, overrides, e)
         return None
     results.clear_failure(Path(cfg.paths.results_dir), row["run_id"])
-    acc = row["metrics"].get("acc")
-    return float(acc) if isinstance(acc, int | float) else None
+    return objective_value(objective, row["metrics"])
+
+
+# --------------------------------------------------------------------------- what a sweep's job returns
+# `objective` (conf/run.yaml): a metric (`acc`), an expression of metrics with + - * and numbers
+# (`acc - asr`, `acc - 2 * asr/data`), or a list of them for a multi-objective search ([acc, asr]; give the
+# Optuna sweeper as many directions). A metric name may hold `/` (asr/data), so there is no division.
+_METRIC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z0-9_]+)*")
+_ALLOWED = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.USub, ast.UAdd)
+
+
+def _placeholders(text: str) -> tuple[str, list[str]]:
+    """`acc - asr/data` -> (`m0 - m1`, [acc, asr/data])."""
+    names: list[str] = []
+
+    def sub(m: re.Match) -> str:
+        names.append(m.group(0))
+        return f"m{len(names) - 1}"
+
+    return _METRIC.sub(sub, text), names
+
+
+def parse_objective(spec: Any) -> list[tuple[str, ast.Expression, list[str]]]:
+    """Each objective as (its text, its parsed expression over placeholders m0, m1, ..., the metric names
+    they stand for). A bad expression is a ConfigError, before the run."""
+    items = list(spec) if isinstance(spec, list | tuple | ListConfig) else [spec]
+    if not items:
+        raise ConfigError("objective=[]: give a metric, an expression such as `acc - asr`, or a list of them")
+    out = []
+    for item in items:
+        text = str(item)
+        expr, names = _placeholders(text)
+        try:
+            tree = ast.parse(expr, mode="eval")
+        except SyntaxError:
+            tree = None
+        ok = tree is not None and all(
+            isinstance(n, _ALLOWED)
+            or (isinstance(n, ast.Name) and re.fullmatch(r"m\d+", n.id))
+            or (isinstance(n, ast.Constant) and isinstance(n.value, int | float))
+            or isinstance(n, ast.Load)
+            for n in ast.walk(tree)
+        )
+        if not ok or not names:
+            raise ConfigError(
+                f"objective={text!r}: use metrics (acc, asr, asr/data, knn_acc, ...), numbers, + - * and "
+                "parentheses, e.g. objective='acc - asr', or a list for several objectives ([acc, asr])"
+            )
+        out.append((text, tree, names))
+    return out
+
+
+def objective_value(
+    objective: list[tuple[str, ast.Expression, list[str]]], metrics: dict[str, Any]
+) -> float | tuple[float, ...] | None:
+    """The objective(s) on a row's metrics: a float, a tuple for several, None where a metric is missing
+    (the sweeper then counts the job as failed)."""
+    values = []
+    for text, tree, names in objective:
+        missing = [n for n in names if not isinstance(metrics.get(n), int | float)]
+        if missing:
+            log.error("objective %r: the run has no metric %s", text, ", ".join(missing))
+            return None
+        env = {f"m{i}": float(metrics[n]) for i, n in enumerate(names)}
+        values.append(float(eval(compile(tree, "<objective>", "eval"), {"__builtins__": {}}, env)))  # noqa: S307
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _config_dirs(hc: Any) -> list[Path]:
+    """The file config dirs of this run (`-cd DIR`, `hydra.searchpath`): where a user's modules may sit."""
+    return [
+        Path(s.path)
+        for s in hc.runtime.config_sources
+        if s.get("schema") == "file" and s.get("path") and Path(s.path) != CONF_DIR
+    ]
 
 
 class SweepReport(Callback):
@@ -120,11 +203,49 @@ class SweepReport(Callback):
             print("\n".join(lines), file=sys.stderr)
 
 
+# Hydra launchers that come as plugins: the module each needs and the extra of pyproject.toml that installs it
+LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "parallel"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
+    "optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "optuna"),
+}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a module set to None
+        return False
+
+
+def missing_plugin(argv: list[str], importable=_importable) -> str | None:
+    """The one-line error for a `hydra/launcher=...` (or `hydra/sweeper=...`) on the command line whose
+    plugin is not installed, instead of Hydra's `Unknown plugin class` traceback; None when all is there, or
+    when the command only shows a config (`--cfg`, `--info`, `--help`), which needs no plugin."""
+    if any(a in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in argv):
+        return None
+    for arg in argv:
+        group, _, option = arg.lstrip("+~").partition("=")
+        if group not in ("hydra/launcher", "hydra/sweeper") or option not in LAUNCHER_PLUGINS:
+            continue
+        module, package, extra = LAUNCHER_PLUGINS[option]
+        if not importable(module):
+            return f"{arg} needs the {package} plugin, which is not installed: pip install -e '.[{extra}]'"
+    return None
+
+
 def main() -> None:
     if not (CONF_DIR / "run.yaml").exists():
         sys.exit(
             f"securetl: cannot find its configs at {CONF_DIR}; install the package editable (pip install -e .)"
         )
+    if problem := missing_plugin(sys.argv[1:]):
+        print(f"securetl: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     app()
     if SWEEP_FAILURES:
         sys.exit(1)

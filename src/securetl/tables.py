@@ -1,18 +1,24 @@
 """`securetl-table NAME`: turn the rows of a sweep into the table a preset describes.
 
-A preset (conf/table/NAME.yaml) holds the sweep (`hydra.sweeper.params`) and a `report` layout:
-rows/cols (group names, `seed`, or dotted config keys such as `data_attack.poison_rate`), metrics, and
-`where` (fixed choices). Cells show mean ± std over seeds; cells the sweep defines but no row fills are
-listed as missing. Writes results/tables/NAME.{md,csv,tex}.
+A preset (conf/table/NAME.yaml, or DIR/table/NAME.yaml with `--config-dir DIR`, as `securetl -cd DIR`)
+holds the sweep (`hydra.sweeper.params`, read with Hydra's own override parser: `seed: range(0,3)` works)
+and a `report` layout: rows/cols (group names, `seed`, or dotted config keys such as
+`data_attack.poison_rate`), metrics, and `where` (fixed choices). Cells show mean ± std over the seeds each
+cell has; cells the sweep defines but no row fills are listed as missing. Rows are read from the results
+dir the runs wrote to (`paths.results_dir`: $SECURETL_RESULTS_DIR, else $SECURETL_ROOT/results, else
+./results). Writes <results dir>/tables/NAME.{md,csv,tex} (the .tex compiles with `booktabs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import logging
 import math
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +42,66 @@ METRIC_NAMES = {
 }
 
 
-def load_preset(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
-    p = conf_dir / "table" / f"{name}.yaml"
-    if not p.exists():
-        known = sorted(q.stem for q in (conf_dir / "table").glob("*.yaml"))
-        raise SystemExit(f"securetl-table: no preset {name!r}; known: {', '.join(known)}")
+ConfDirs = Path | str | Sequence[Path | str]
+
+
+def conf_dirs(conf_dir: ConfDirs = CONF_DIR) -> list[Path]:
+    """The config dirs to search, first wins: a user's dir(s) (`--config-dir`), then the suite's conf/."""
+    dirs = [Path(conf_dir)] if isinstance(conf_dir, str | Path) else [Path(d) for d in conf_dir]
+    return dirs + ([CONF_DIR] if CONF_DIR not in dirs else [])
+
+
+def load_preset(name: str, conf_dir: ConfDirs = CONF_DIR) -> dict[str, Any]:
+    dirs = conf_dirs(conf_dir)
+    p = next((d / "table" / f"{name}.yaml" for d in dirs if (d / "table" / f"{name}.yaml").exists()), None)
+    if p is None:
+        known = sorted({q.stem for d in dirs for q in (d / "table").glob("*.yaml")})
+        where = ", ".join(str(d / "table") for d in dirs)
+        raise SystemExit(f"securetl-table: no preset {name!r} under {where}; known: {', '.join(known)}")
     cfg = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
     report = cfg.get("report") or {}
     sweep = ((cfg.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
-    return {
-        "report": report,
-        "sweep": {k: [v.strip() for v in str(val).split(",")] for k, val in sweep.items()},
-    }
+    return {"report": report, "sweep": parse_sweep(sweep, dirs)}
+
+
+def parse_sweep(params: dict[str, Any], dirs: list[Path] | None = None) -> dict[str, list[str]]:
+    """`hydra.sweeper.params` as the values each key takes, written as str() of what Hydra would set (so
+    `0.003` and `range(0,3)` match the rows' values). Parsed by Hydra's own override parser, so every sweep
+    syntax the command line takes works here too (`a,b`, `range(0,3)`, `choice(...)`, `glob(...)` over a
+    group's options). A sweep that cannot be enumerated (an Optuna `interval(...)`) restricts nothing."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    parser = OverridesParser.create()
+    out: dict[str, list[str]] = {}
+    for key, raw in params.items():
+        text = ",".join(map(str, raw)) if isinstance(raw, list) else str(raw)
+        try:
+            o = parser.parse_override(f"{key}={text}")
+        except Exception as e:  # noqa: BLE001 — Hydra's parser raises its own exception types
+            raise SystemExit(f"securetl-table: cannot parse the sweep `{key}: {raw}` ({e})") from None
+        if o.value_type == ValueType.INTERVAL_SWEEP:
+            continue
+        if o.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            group = key.split("@", 1)[0]
+            options = sorted({q.stem for d in dirs or conf_dirs() for q in (d / group).glob("*.yaml")})
+            values = o.value().filter(options)
+        else:
+            values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+        out[key] = [str(v) for v in values]
+    return out
+
+
+def default_results_dir(conf_dir: ConfDirs = CONF_DIR) -> Path:
+    """Where `securetl` writes its rows: `paths.results_dir` of the paths config (a user's config dir's own
+    paths/default.yaml first), with the same environment variables (SECURETL_RESULTS_DIR, SECURETL_ROOT)."""
+    for d in conf_dirs(conf_dir):
+        p = d / "paths" / "default.yaml"
+        if p.exists():
+            paths = OmegaConf.load(p)
+            if "results_dir" in paths:
+                return Path(str(paths.results_dir))
+    return Path("results")
 
 
 def config_value(config: dict, dotted: str) -> Any:
@@ -62,6 +116,7 @@ def config_value(config: dict, dotted: str) -> Any:
 
 # overrides that do not change what a run computes (where it writes, whether it shows progress, ...)
 NEUTRAL_OVERRIDES = {"table", "progress", "resume", "cache", "logger", "device", "paths"}
+NEUTRAL_OVERRIDES |= {"note", "tags", "objective"}  # metadata (results.METADATA_KEYS)
 
 
 def extra_overrides(row: dict, keys: set[str]) -> list[str]:
@@ -70,7 +125,8 @@ def extra_overrides(row: dict, keys: set[str]) -> list[str]:
     out = []
     for override in row.get("overrides") or []:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key not in keys and key not in NEUTRAL_OVERRIDES and not key.startswith(("hydra.", "paths.")):
+        neutral = key in NEUTRAL_OVERRIDES or key.split(".", 1)[0] in NEUTRAL_OVERRIDES  # logger.note=...
+        if key not in keys and not neutral and not key.startswith("hydra."):
             out.append(override)
     return sorted(out)
 
@@ -129,14 +185,35 @@ def mixed_numerics(df: pd.DataFrame, keys: list[str]) -> list[str]:
     return out
 
 
-def fmt(mean: float, std: float, n: int, pct: bool) -> str:
+def fmt(mean: float, std: float, n: int, pct: bool, n_usual: int | None = None) -> str:
+    """`mean ± std` with two decimals (in % when `pct`); a cell over fewer or more seeds than the table's
+    usual `n_usual` says how many (`[n=2]`), so the note above the table is true of every cell."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
     k = 100.0 if pct else 1.0
     s = f"{k * mean:.2f}"
     if n > 1 and not math.isnan(std):
         s += f" ± {k * std:.2f}"
+    if n_usual is not None and n != n_usual:
+        s += f" [n={n}]"
     return s
+
+
+def usual_count(counts: Sequence[int]) -> int | None:
+    """The number of seeds most cells have (the larger one on a tie), or None without cells."""
+    tally = collections.Counter(int(c) for c in counts if c)
+    return max(tally, key=lambda n: (tally[n], n)) if tally else None
+
+
+def seeds_note(counts: Sequence[int]) -> str:
+    """The line above a table: how many seeds its cells average, counted on the cells themselves."""
+    n = usual_count(counts)
+    if n is None:
+        return "ACC and ASR in %."
+    spread = "one seed" if n == 1 else f"mean ± std over {n} seeds"
+    if any(c and c != n for c in counts):
+        spread += " (cells marked [n=k] have k)"
+    return f"ACC and ASR in %, {spread}."
 
 
 OPTIONAL_PRESETS = ("threat", "ablation")
@@ -185,11 +262,16 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
     # settings the preset does not set, under which some of the kept rows ran (said under the table)
     long.attrs["extra"] = sorted({e for extra in df.get("_extra", []) for e in extra})
     long.attrs["mixed_numerics"] = mixed_numerics(df, keys)
+    # a cell's seeds: its rows (a metric a row lacks, such as an ASR a clean run has none of, is not a seed less)
+    counts = agg[[(m, "count") for m in present]].max(axis=1).astype(int)
+    long.attrs["seeds"] = counts.tolist()
+    n_usual = usual_count(counts.tolist())
     disp = pd.DataFrame(index=agg.index)
     for m in present:
         pct = not m.startswith("time:") and not m.startswith("diag:") or m.endswith("purity")
         disp[METRIC_NAMES.get(m, m)] = [
-            fmt(a, b, int(c), pct) for a, b, c in zip(agg[(m, "mean")], agg[(m, "std")], agg[(m, "count")])
+            fmt(a, b, int(c), pct, n_usual)
+            for a, b, c in zip(agg[(m, "mean")], agg[(m, "std")], agg[(m, "count")])
         ]
     if cols:
         disp = disp.unstack(cols)
@@ -251,32 +333,30 @@ def failed_cells(records: list[dict], report: dict, sweep: dict) -> dict[str, st
     return out
 
 
-def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Path | None = None) -> str:
+def render(
+    name: str, results_dir: Path | None = None, conf_dir: ConfDirs = CONF_DIR, out_dir: Path | None = None
+) -> str:
+    """Render preset `name` from the rows under `results_dir` (default: where `securetl` writes them)."""
     preset = load_preset(name, conf_dir)
     report, sweep = preset["report"], preset["sweep"]
-    rows = read_rows(Path(results_dir) / "raw")
+    results_dir = Path(results_dir) if results_dir is not None else default_results_dir(conf_dir)
+    rows = read_rows(results_dir / "raw")
     if not rows:
         raise SystemExit(
-            f"securetl-table: no rows under {Path(results_dir) / 'raw'}; run `securetl table={name}` first"
+            f"securetl-table: no rows under {results_dir / 'raw'}; run `securetl table={name}` first "
+            "(with the same SECURETL_ROOT / SECURETL_RESULTS_DIR, or pass --results-dir)"
         )
     keys = [*report.get("rows", []), *report.get("cols", []), *report.get("where", {}), *sweep]
     # dotted config keys, not group overrides such as `trigger@eval.reference_trigger`
     config_keys = [k for k in keys if "." in k and "@" not in k]
     disp, missing, long = build_table(flatten(rows, config_keys, described=set(keys)), report, sweep)
-    out_dir = Path(out_dir or Path(results_dir) / "tables")
+    out_dir = Path(out_dir or results_dir / "tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     title = report.get("title", name)
-    n_seeds = len(sweep.get("seed", ["0"]))
-    note = (
-        f"ACC and ASR in %, mean ± std over {n_seeds} seed(s)."
-        if n_seeds > 1
-        else "ACC and ASR in %, one seed."
-    )
-    md = (
-        f"### {title}\n\n{note}\n\n"
-        + (disp.reset_index().to_markdown(index=False) if len(disp) else "_no matching rows_")
-        + "\n"
-    )
+    note = seeds_note(long.attrs.get("seeds", []) if len(long) else [])
+    # disable_numparse: tabulate would re-format "88.60" as 88.6 beside "94.72 ± 1.20" (a string)
+    table = disp.reset_index().to_markdown(index=False, disable_numparse=True) if len(disp) else None
+    md = f"### {title}\n\n{note}\n\n" + (table or "_no matching rows_") + "\n"
     if len(long) and long.attrs.get("extra"):
         md += (
             "\nSome rows ran with settings this preset does not set: "
@@ -292,7 +372,7 @@ def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Pat
             + "".join(f"- {m}\n" for m in mixed)
         )
     if missing:
-        failed = failed_cells(read_failures(Path(results_dir)), report, sweep)
+        failed = failed_cells(read_failures(results_dir), report, sweep)
         md += f"\nMissing cells ({len(missing)}):\n" + "".join(
             f"- {m}" + (f" — failed: {failed[m]}" if m in failed else "") + "\n" for m in missing
         )
@@ -301,20 +381,97 @@ def render(name: str, results_dir: Path, conf_dir: Path = CONF_DIR, out_dir: Pat
         flat = long.copy()
         flat.columns = [f"{m}_{s}" for m, s in flat.columns]
         flat.reset_index().to_csv(out_dir / f"{name}.csv", index=False)
-        (out_dir / f"{name}.tex").write_text(disp.to_latex(escape=True, caption=title, label=f"tab:{name}"))
+        (out_dir / f"{name}.tex").write_text(to_latex(disp, title, f"tab:{name}", note))
     return md
+
+
+# --------------------------------------------------------------------------- LaTeX
+_TEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "–": "--",
+    "—": "---",
+    "×": r"$\times$",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+}
+
+
+def tex_escape(text: Any) -> str:
+    """Plain text as LaTeX that pdflatex takes as is: its special characters escaped, the few non-ASCII
+    characters the tables use as commands, any other non-ASCII character replaced by `?`."""
+    out = "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(text))
+    return out.encode("ascii", "replace").decode("ascii")
+
+
+def to_latex(disp: pd.DataFrame, caption: str, label: str, note: str = "") -> str:
+    """A `table` float with a booktabs `tabular` (\\toprule/\\midrule/\\bottomrule only: no \\cline or
+    \\hline, no \\multirow, which booktabs' spacing does not mix with); a row key repeated from the row
+    above is left blank. Needs only `\\usepackage{booktabs}`."""
+    frame = disp.reset_index()
+    n_keys = disp.index.nlevels
+    header = " & ".join(tex_escape(c) for c in frame.columns)
+    lines, previous = [], [None] * n_keys
+    for values in frame.itertuples(index=False):
+        cells = [tex_escape(v) for v in values]
+        keys = [str(v) for v in values[:n_keys]]
+        for i in range(n_keys):  # blank a key equal to the row above's, while the keys before it are too
+            if keys[: i + 1] == previous[: i + 1]:
+                cells[i] = ""
+        previous = keys
+        lines.append("    " + " & ".join(cells) + r" \\")
+    safe_label = re.sub(r"[^A-Za-z0-9:_.-]", "-", label)
+    caption_text = tex_escape(caption) + (" " + tex_escape(note) if note else "")
+    return "\n".join(
+        [
+            r"\begin{table}[t]",
+            r"  \centering",
+            rf"  \caption{{{caption_text}}}",
+            rf"  \label{{{safe_label}}}",
+            rf"  \begin{{tabular}}{{{'l' * n_keys}{'r' * (frame.shape[1] - n_keys)}}}",
+            r"    \toprule",
+            f"    {header} \\\\",
+            r"    \midrule",
+            *lines,
+            r"    \bottomrule",
+            r"  \end{tabular}",
+            r"\end{table}",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="securetl-table", description=__doc__.splitlines()[0])
-    ap.add_argument("name", help="a preset in conf/table/ (e.g. demo)")
-    ap.add_argument("--results-dir", default=None, help="default: $SECURETL_RESULTS_DIR or ./results")
+    ap.add_argument("name", help="a preset in conf/table/ or DIR/table/ (e.g. demo)")
+    ap.add_argument(
+        "--config-dir",
+        "-cd",
+        action="append",
+        default=[],
+        help="a config dir searched before conf/ (as `securetl -cd DIR`); may be given more than once",
+    )
+    ap.add_argument(
+        "--results-dir",
+        default=None,
+        help="default: paths.results_dir ($SECURETL_RESULTS_DIR, else $SECURETL_ROOT/results, else ./results)",
+    )
     ap.add_argument("--out-dir", default=None, help="default: <results-dir>/tables")
     args = ap.parse_args(argv)
-    import os
-
-    results_dir = Path(args.results_dir or os.environ.get("SECURETL_RESULTS_DIR", "results"))
-    print(render(args.name, results_dir, out_dir=args.out_dir))
+    dirs = [Path(d).expanduser().resolve() for d in args.config_dir]
+    for d in dirs:
+        if not d.is_dir():
+            raise SystemExit(f"securetl-table: --config-dir {d}: no such folder")
+    print(render(args.name, args.results_dir, conf_dir=[*dirs, CONF_DIR], out_dir=args.out_dir))
 
 
 if __name__ == "__main__":

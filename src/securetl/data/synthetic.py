@@ -246,15 +246,15 @@ def generate(
 def build_synthetic(
     n_train: int = 4000,
     n_test: int = 2000,
-    n_pretrain: int = 6000,
+    n_pretrain: int = 4000,
     n_reference: int = 100,
     num_classes: int = 10,
     size: int = 32,
     seed: int = 0,
-    noise: float = 0.06,
-    distractor_prob: float = 0.6,
-    low_contrast_prob: float = 0.15,
-    scale: tuple[float, float] = (0.3, 0.6),
+    noise: float = 0.03,
+    distractor_prob: float = 0.3,
+    low_contrast_prob: float = 0.1,
+    scale: tuple[float, float] = (0.45, 0.8),
     min_contrast: float = 0.35,
     bg_contrast: float = 0.5,
     pattern_strength: float = 0.8,
@@ -263,7 +263,9 @@ def build_synthetic(
     downstream_domain: str = "downstream",
     n_clean: int | None = None,
 ) -> Splits:
-    """Build the synthetic splits. All sizes and difficulty knobs are config keys (conf/dataset/synthetic.yaml).
+    """Build the synthetic splits. All sizes and difficulty knobs are config keys (conf/dataset/synthetic.yaml);
+    the defaults here are that YAML's values (tests/test_usability.py checks it), so a call from code builds
+    the dataset a run builds.
 
     `n_clean`: size of the clean reserve (Splits.clean), generated from a stream of its own (train, test and
     pre-training images are the same with or without it); class-balanced. None = a tenth of `n_train`, rounded

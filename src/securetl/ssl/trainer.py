@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from securetl.interfaces import RunContext
+from securetl.progress import bar_disabled
 from securetl.ssl.augment import SimCLRAugment
 from securetl.ssl.methods import build_method
 
@@ -59,7 +60,7 @@ def pretrain(
     history = []
     method.train()
     method.begin(epochs * steps)
-    bar = tqdm(range(epochs), desc=f"{ssl} pre-training", disable=not ctx.progress, leave=False)
+    bar = tqdm(range(epochs), desc=f"{ssl} pre-training", disable=bar_disabled(ctx.progress), leave=False)
     for _ in bar:
         perm = torch.randperm(n, generator=g)
         order = num.put(perm) if len(groups) == 1 else perm
