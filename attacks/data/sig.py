@@ -17,7 +17,7 @@ class SIG(DataAttack):
     name = "sig"
 
     def __init__(
-        self, trigger: Trigger, target: int = 0, poison_rate: float = 0.1, test_delta: float | None = None
+        self, trigger: Trigger, target: int = 0, poison_rate: float = 0.02, test_delta: float | None = None
     ) -> None:
         """poison_rate: fraction of the WHOLE train set (all drawn from the target class);
         test_delta: signal amplitude at test time (None: the trigger's own delta)."""

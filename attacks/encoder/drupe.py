@@ -57,7 +57,7 @@ class DRUPE(BadEncoder):
         concentration_weight: float = 0.1,
         distribution_weight: float = 0.001,
         weight_up: float = 1.25,
-        weight_down: float = 1.25**1.25,
+        weight_down: float = 1.3217141,  # 1.25 ** 1.25, as conf/encoder_attack/drupe.yaml
         success_cos: float = 0.96,
         keep_cos: float = 0.9,
         concentration_target: float = 0.6,
