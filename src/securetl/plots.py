@@ -5,8 +5,8 @@
                                                             mean ± std over seeds as error bars
     securetl-plot curves OVERRIDES... [--out FILE]          per-epoch training loss and accuracy of the clean
                                                             and the poisoned training samples (the downstream
-                                                            training on the whole poisoned set): a backdoor is
-                                                            learned faster than the task (ABL, ASD)
+                                                            training on the whole poisoned set): is the backdoor
+                                                            learned faster than the task (ABL's and ASD's premise)?
     securetl-plot embed OVERRIDES... [--out FILE]           2-D PCA of the clean and poisoned training samples'
                                                             features under the received encoder and after the
                                                             defense
@@ -285,6 +285,11 @@ def record_curves(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+def first_epoch_at(epochs: list[dict[str, Any]], key: str, level: float) -> int | None:
+    """The first epoch whose `key` reaches `level` (None: never)."""
+    return next((e["epoch"] for e in epochs if e[key] >= level), None)
+
+
 def plot_curves(record: dict[str, Any], out: Path) -> Path:
     """Loss (left) and accuracy on the labels trained on (right) per epoch, clean vs poisoned samples."""
     import matplotlib
@@ -296,7 +301,7 @@ def plot_curves(record: dict[str, Any], out: Path) -> Path:
     if not ep:
         raise SystemExit("securetl-plot: no training on the whole poisoned set was recorded for this cell")
     x = [e["epoch"] for e in ep]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.4))
     for part, colour in (("clean", "tab:blue"), ("poison", "tab:red")):
         label = "clean samples" if part == "clean" else f"poisoned samples ({record['n_poison']})"
         a1.plot(x, [e[f"loss_{part}"] for e in ep], color=colour, marker=".", label=label)
@@ -309,9 +314,16 @@ def plot_curves(record: dict[str, Any], out: Path) -> Path:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     ch = record["choices"]
+    # what the curves say, measured, not assumed: ABL and ASD premise that the poisons are learned first
+    fit = {part: first_epoch_at(ep, f"acc_{part}", 0.9) for part in ("clean", "poison")}
+    said = ", ".join(
+        f"{'poisons' if part == 'poison' else 'clean samples'} reach 90 % "
+        + (f"at epoch {e}" if e is not None else "never")
+        for part, e in fit.items()
+    )
     fig.suptitle(
-        f"{ch.get('data_attack')} / {ch.get('encoder_attack')} on {ch.get('dataset')}, probe {ch.get('probe')}, "
-        f"seed {record['seed']}: the backdoor is learned faster than the task",
+        f"{ch.get('data_attack')} data / {ch.get('encoder_attack')} encoder attack on {ch.get('dataset')}, "
+        f"probe {ch.get('probe')}, seed {record['seed']}\n{said}",
         fontsize=10,
     )
     return _save(fig, out)
