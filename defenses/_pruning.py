@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from securetl import guard
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
 from securetl.numerics import Numerics
 from securetl.probe import train_loop
@@ -286,29 +287,44 @@ def unlearn_per_step(
     max_steps: int = 500,
     check_every: int = 1,
     num: Numerics | None = None,
+    phase: str = "unlearn",
 ) -> dict[str, float]:
     """Gradient ascent on the CE of `module`, SGD (momentum 0.9) on `params` only, checked per step (T-Core): batches
     drawn with replacement, eval-mode BN (the running statistics stay those of the model being analysed); after
     every `check_every` steps the accuracy on a fixed sample of up to 512 inputs; stop once it is < threshold or
-    after `max_steps`. Every parameter's requires_grad is restored afterwards."""
+    after `max_steps`. Every parameter's requires_grad is restored afterwards.
+
+    Divergence (securetl.guard, `phase` names it): checked with the accuracy, which reads the host anyway. Ascent
+    is unbounded: once the logits are NaN every sample is predicted as one class, whose share of D can hold the
+    accuracy above the threshold for all `max_steps`. Under `recover` the last finite parameters come back with
+    a lower lr (momentum cleared) and the ascent goes on; `retries` triggers later it stops there."""
     num = num or Numerics.resolve(acts.device)
     with _training_only(module, params):
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        watch = guard.Watch(phase, module, opt, unit="step")
         n, steps = len(y), 0
         y = num.put(y)
         probe_idx = num.put(torch.randperm(n, generator=g)[:512])
         acc = accuracy(module, acts[probe_idx], y[probe_idx], num)
         module.eval()
+        watch.begin()
         while acc >= threshold and steps < max_steps:
             b = num.put(torch.randint(0, n, (batch_size,), generator=g))
             with num.autocast():
                 loss = -F.cross_entropy(module(acts[b]), y[b])
+            watch.observe(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             steps += 1
             if steps % check_every == 0:
+                verdict = watch.end(steps)
                 acc = accuracy(module, acts[probe_idx], y[probe_idx], num)
+                if verdict == guard.STOP:
+                    break
+                watch.begin()
+        if watch.pending and watch.end(steps) != guard.OK:  # max_steps inside a check window
+            acc = accuracy(module, acts[probe_idx], y[probe_idx], num)
     return {"steps": steps, "acc": acc}
 
 
@@ -325,10 +341,12 @@ def recover_masks(
     batch_size: int = 128,
     train_mode: bool = False,
     num: Numerics | None = None,
+    phase: str = "recover_masks",
 ) -> dict[str, Tensor]:
     """Learn the masks of `module`'s MaskedBNs alone (everything else frozen) on clean data: SGD, momentum 0.9, loss
     alpha x CE (+ l1 x sum|m|), masks clipped to [0, 1] after each step. `train_mode`: BN on batch statistics
-    (RNP's codes) or on the model's running statistics (T-Core). Returns the masks by BN name."""
+    (RNP's codes) or on the model's running statistics (T-Core). Returns the masks by BN name. Divergence is
+    checked once an epoch (securetl.guard, `phase` names it): a NaN mask survives the clipping."""
     num = num or Numerics.resolve(inputs.device)
     src, y = num.resident(inputs), num.put(y)
     for p in module.parameters():
@@ -338,9 +356,11 @@ def recover_masks(
         m.mask.requires_grad_(True)
         ms.append(m.mask)
     opt = torch.optim.SGD(ms, lr=lr, momentum=0.9)
+    watch = guard.Watch(phase, module, opt)
     module.train(train_mode)
     n = len(y)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        watch.begin()
         perm = num.put(torch.randperm(n, generator=g))
         for s in range(0, n, batch_size):
             b = perm[s : s + batch_size]
@@ -350,12 +370,15 @@ def recover_masks(
                     loss = alpha * loss
                 if l1:
                     loss = loss + l1 * sum(m.abs().sum() for m in ms)
+            watch.observe(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
                 for m in ms:
                     m.clamp_(0.0, 1.0)
+        if watch.end(epoch + 1) == guard.STOP:
+            break
     for m in ms:
         m.requires_grad_(False)
     module.eval()
@@ -405,6 +428,10 @@ class MaskPruning(Defense):
         raise NotImplementedError
 
     def train(self, encoder: nn.Module, train: LabeledSet, probe: Any, ctx: RunContext) -> Model:
+        with guard.session(record=self.diagnostics):  # the mask loops' divergence triggers go into the row
+            return self._train(encoder, train, probe, ctx)
+
+    def _train(self, encoder: nn.Module, train: LabeledSet, probe: Any, ctx: RunContext) -> Model:
         g = ctx.generator(salt=self.salt)
         fit, held = clean_split(ctx, self.name, self.holdout, g)
         m0 = reference_model(encoder, train, probe, ctx)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from securetl import guard
 from securetl.interfaces import Knowledge
 
 from ._detection import DetectionDefense
@@ -42,6 +43,9 @@ from ._features import Scope, require_clean
 from ._scoring import adjusted_outlyingness, gaussian_tail_threshold, host_blas
 
 log = logging.getLogger(__name__)
+
+# discriminator steps between two divergence checks (one host read each; securetl.guard)
+_V_CHECK_STEPS = 25
 
 
 def _discriminator(d: int, hidden: int, layers: int) -> nn.Module:
@@ -101,6 +105,9 @@ class ASSET(DetectionDefense):
         opt_offset = torch.optim.Adam(f.parameters(), lr=self.lr)
         n, nb = len(yd), len(xb)
         n_suspects = 0
+        # checked after every batch of D, where the suspects' selection reads the host anyway (securetl.guard)
+        watch = guard.Watch("asset/offset", f, (opt_clean, opt_offset), record=self.diagnostics, unit="batch")
+        step = 0
         for _ in range(self.epochs):
             perm = torch.randperm(n, generator=g)
             base_perm, base_pos = torch.randperm(nb, generator=g), 0
@@ -110,9 +117,12 @@ class ASSET(DetectionDefense):
                     base_perm, base_pos = torch.randperm(nb, generator=g), 0
                 bb = base_perm[base_pos : base_pos + self.batch_size]
                 base_pos += self.batch_size
+                step += 1
+                watch.begin()
                 # clean step: flatten f's outputs on clean data
                 f.train()
                 loss = f(xb[bb].to(dev)).var(dim=1).mean()
+                watch.observe(loss)
                 opt_clean.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_clean.step()
@@ -121,13 +131,17 @@ class ASSET(DetectionDefense):
                 with host_blas():
                     ao = adjusted_outlyingness(scores.numpy())
                 suspects = b[torch.from_numpy(ao > self.outlyingness)]
-                if len(suspects) <= 1:  # the codes skip the offset step then
-                    continue
-                n_suspects += len(suspects)
-                loss = -F.cross_entropy(f(xd[suspects].to(dev)), yd[suspects].to(dev))
-                opt_offset.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_offset.step()
+                if len(suspects) > 1:  # the codes skip the offset step otherwise
+                    n_suspects += len(suspects)
+                    loss = -F.cross_entropy(f(xd[suspects].to(dev)), yd[suspects].to(dev))
+                    watch.observe(loss)
+                    opt_offset.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt_offset.step()
+                if watch.end(step) == guard.STOP:
+                    break
+            if watch.stopped:
+                break
         f.eval()
         with torch.no_grad():
             logits = Scope.logits(f, xd, dev)
@@ -142,16 +156,27 @@ class ASSET(DetectionDefense):
         v = _discriminator(pos.shape[1], self.v_hidden, self.v_layers).to(pos.device)
         opt_pos = torch.optim.Adam(v.parameters(), lr=self.v_lr)
         opt_neg = torch.optim.Adam(v.parameters(), lr=self.v_lr)
+        watch = guard.Watch(
+            "asset/discriminator", v, (opt_pos, opt_neg), record=self.diagnostics, unit="step"
+        )
         ones = torch.ones(len(pos), device=pos.device)
         zeros = torch.zeros(len(neg), device=neg.device)
-        for _ in range(self.v_steps):
+        for step in range(self.v_steps):
+            if step % _V_CHECK_STEPS == 0:
+                watch.begin()
             loss = F.mse_loss(v(pos).view(-1), ones)
+            watch.observe(loss)
             v.zero_grad(set_to_none=True)
             loss.backward()
             opt_pos.step()
             loss = F.mse_loss(v(neg).view(-1), zeros)
+            watch.observe(loss)
             v.zero_grad(set_to_none=True)
             loss.backward()
             opt_neg.step()
+            if (step + 1) % _V_CHECK_STEPS == 0 and watch.end(step + 1) == guard.STOP:
+                break
+        if watch.pending:
+            watch.end(self.v_steps)
         with torch.no_grad():
             return v(pos).view(-1).float().cpu()

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from securetl import guard
 from securetl.interfaces import Knowledge
 
 from ._detection import DetectionDefense
@@ -50,17 +51,29 @@ def _sgd(module: nn.Module, lr: float, momentum: float, wd: float) -> torch.opti
     return torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
 
 
-def _train_epochs(module, x, y, epochs, opt, batch, g, device) -> None:
+# confusion steps between two divergence checks (one host read each; securetl.guard)
+_CHECK_STEPS = 100
+
+
+def _train_epochs(
+    module, x, y, epochs, opt, batch, g, device, phase: str = "ct/pretrain", record: dict | None = None
+) -> None:
+    """Divergence is checked once an epoch (securetl.guard; recorded into `record` under `phase`)."""
     module.train()
     n = len(y)
-    for _ in range(epochs):
+    watch = guard.Watch(phase, module, opt, record=record)
+    for epoch in range(epochs):
+        watch.begin()
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, batch):
             b = perm[s : s + batch]
             loss = F.cross_entropy(module(x[b].to(device)), y[b].to(device))
+            watch.observe(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if watch.end(epoch + 1) == guard.STOP:
+            break
     module.eval()
 
 
@@ -184,7 +197,9 @@ class ConfusionTraining(DetectionDefense):
             if r == last:
                 px, py = torch.cat([px, xc]), torch.cat([py, yc])
             opt = _sgd(base, self.pretrain_lr, 0.9, self.weight_decay)
-            _train_epochs(base, px, py, self.pretrain_epochs[r], opt, self.batch_size, g, dev)
+            phase = f"ct/round{r}/pretrain"
+            epochs = self.pretrain_epochs[r]
+            _train_epochs(base, px, py, epochs, opt, self.batch_size, g, dev, phase, self.diagnostics)
             # confusion training from the base
             preds = _outputs(base, xc, dev).argmax(1)
             confused = copy.deepcopy(base)
@@ -218,9 +233,12 @@ class ConfusionTraining(DetectionDefense):
         opt = _sgd(model, self.lrs[r], self.momentums[r], self.weight_decay)
         clean_b, insp_b = _Cycler(len(xc), self.batch_size, g), _Cycler(len(yd), self.batch_size, g)
         w = weights.to(dev)
+        watch = guard.Watch(f"ct/round{r}/confusion", model, opt, record=self.diagnostics, unit="step")
         model.train()
         rounder = 0
         for step in range(self.confusion_steps[r]):
+            if step % _CHECK_STEPS == 0:
+                watch.begin()
             if (rounder + step) % k == 0:
                 rounder += 1
             cb = clean_b.next()
@@ -235,9 +253,14 @@ class ConfusionTraining(DetectionDefense):
                 loss = ((lam - 1) * conf + insp) / lam
             else:
                 loss = F.cross_entropy(model(xc[cb].to(dev)), target)
+            watch.observe(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if (step + 1) % _CHECK_STEPS == 0 and watch.end(step + 1) == guard.STOP:
+                break
+        if watch.pending:
+            watch.end(self.confusion_steps[r])
         model.eval()
 
     def _identify(self, confused, scope, xd, yd, chunklet, k, dev) -> Tensor:

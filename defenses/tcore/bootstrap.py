@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from securetl import guard
 from securetl.numerics import Numerics, take
 from securetl.probe import per_sample_loss as _per_sample_loss
 
@@ -55,10 +56,12 @@ class Trainer:
         weight_decay: float = 5e-4,
         chi_lr_scale: float = 0.0,
         num: Numerics | None = None,
+        phase: str = "tcore/bootstrap",
     ):
         """chi_lr_scale: how far trusted channels move per step relative to psi (0 = frozen, as in the paper).
-        num: device and precision (default: the policy of the activations' device)."""
-        self.num = num
+        num: device and precision (default: the policy of the activations' device). phase: the name divergence
+        triggers are recorded under (securetl.guard; checked once an epoch)."""
+        self.num, self.phase = num, phase
         self.grad_masks, self.lr, self.batch_size, self.weight_decay = (
             grad_masks,
             lr,
@@ -88,8 +91,10 @@ class Trainer:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs)) if cosine else None
         stage_params = dict(tail.stages.named_parameters())
         n = len(y)
+        watch = guard.Watch(self.phase, tail, opt)
         tail.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            watch.begin()
             perm = num.put(torch.randperm(n, generator=g))
             for s in range(0, n, self.batch_size):
                 b = perm[s : s + self.batch_size]
@@ -97,6 +102,7 @@ class Trainer:
                     continue
                 with num.autocast():
                     loss = F.cross_entropy(tail(acts[b]), y[b])
+                watch.observe(loss)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 # chi_lr_scale >= 1: trusted channels move like the rest, nothing to freeze or damp
@@ -113,6 +119,8 @@ class Trainer:
                     self._restore(tail, frozen_stats)
                 elif masked:
                     self._damp(stage_params, before)
+            if watch.end(epoch + 1) == guard.STOP:
+                break
             if sched is not None:
                 sched.step()
         tail.eval()

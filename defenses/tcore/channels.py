@@ -97,6 +97,7 @@ def unlearn(
         max_steps=max_steps,
         check_every=check_every,
         num=num or Numerics.resolve(acts.device),
+        phase="tcore/unlearn",
     )
     for name, p in tail.named_parameters():
         p.requires_grad_(not name.endswith(".mask"))
@@ -127,6 +128,7 @@ def recover_masks(
         batch_size=batch_size,
         train_mode=False,
         num=num or Numerics.resolve(acts.device),
+        phase="tcore/recover_masks",
     )
     return tail.masks()
 
@@ -184,8 +186,10 @@ def untrusted_from_masks(
     """Channels with mask < sigma are untrusted; at most `max_fraction` of all channels, the lowest masks first.
 
     The cap matters when recovery fails as a whole (every mask under sigma): re-initialising everything
-    throws away what the pre-trained encoder knows; the lowest masks are still the least needed ones."""
-    flat = torch.cat(list(masks.values()))
+    throws away what the pre-trained encoder knows; the lowest masks are still the least needed ones.
+    A non-finite mask (a diverged recovery; the driver records it, securetl.guard.require_finite) counts as the
+    lowest of all: read as-is, NaN >= sigma is False as well as NaN < sigma, and NaN masks became "0 untrusted"."""
+    flat = torch.nan_to_num(torch.cat(list(masks.values())), nan=-1.0, posinf=-1.0, neginf=-1.0)
     below = flat < sigma
     limit = int(max_fraction * len(flat))
     if int(below.sum()) > limit:  # then the `limit` lowest masks are all under sigma

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from securetl import guard
 from securetl.numerics import Numerics
 
 
@@ -40,9 +41,11 @@ def confusion_losses(
     num = num or Numerics.resolve(feats.device)
     model = num.module(_mlp(feats.shape[1], hidden, num_classes))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    watch = guard.Watch("tcore/confusion", model, opt)
     feats, yd, trusted = num.resident(feats), num.put(y), num.put(trusted_idx)
     n = len(y)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        watch.begin()
         perm = num.put(torch.randperm(n, generator=g))
         for s in range(0, n, batch_size):
             b = perm[s : s + batch_size]
@@ -53,9 +56,12 @@ def confusion_losses(
                 loss = (
                     F.cross_entropy(model(feats[b]), yd[b]) + lam * F.cross_entropy(model(feats[cb]), wrong)
                 ) / (1 + lam)
+            watch.observe(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if watch.end(epoch + 1) == guard.STOP:
+            break
     with torch.no_grad(), num.autocast():
         return F.cross_entropy(model(feats).float(), yd, reduction="none").cpu()
 

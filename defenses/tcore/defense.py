@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from securetl import guard
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
 from securetl.numerics import take
 
@@ -128,8 +129,11 @@ class TCore(Defense):
         lr: float = 1e-3,
         batch_size: int = 128,
         weight_decay: float = 0.0,
+        # every phase's loops
+        divergence: str = "recover",
     ) -> None:
         super().__init__()
+        guard.check_policy(divergence, "defense.divergence")
         for name, v in (
             ("alpha", alpha),
             ("rho", rho),
@@ -157,6 +161,11 @@ class TCore(Defense):
 
     # ------------------------------------------------------------------ the four phases
     def train(self, encoder, train: LabeledSet, probe, ctx: RunContext) -> Model:
+        # every loop of the four phases checks for divergence under this policy and records into the row
+        with guard.session(self.divergence, self.diagnostics):
+            return self._train(encoder, train, probe, ctx)
+
+    def _train(self, encoder, train: LabeledSet, probe, ctx: RunContext) -> Model:
         g = ctx.generator(salt=4242)
         torch.manual_seed(ctx.seed)
         num = ctx.num
@@ -228,7 +237,7 @@ class TCore(Defense):
         t0 = time.perf_counter()
         g = self._phase_rng(ctx, 3)
         stages = list(encoder.stages[start:])
-        trainer_all = Trainer(None, self.lr, self.batch_size, self.weight_decay, num=num)
+        trainer_all = Trainer(None, self.lr, self.batch_size, self.weight_decay, num=num, phase="tcore/fit")
         grad_masks = None
         tail = num.module(Tail(stages, encoder.feat_dim, c))
         if self.channel_filter and stages:
@@ -252,6 +261,8 @@ class TCore(Defense):
                 self.mask_l1,
                 num=num,
             )
+            # a NaN mask is neither trusted nor "not below sigma": never read silently as a trusted channel
+            guard.require_finite(masks, "tcore/masks", "masks", "non-finite masks counted as untrusted")
             untrusted = untrusted_from_masks(masks, self.sigma, self.max_untrusted)
             grad_masks = reinit_untrusted(tail, untrusted, g)
             n_un = int(sum(int(u.sum()) for u in untrusted.values()))
@@ -321,14 +332,19 @@ class TCore(Defense):
         f = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
         head = torch.nn.Linear(f.shape[1], c)
         opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-        for _ in range(self.ref_epochs):
+        watch = guard.Watch("tcore/reference_head", head, opt)
+        for epoch in range(self.ref_epochs):
+            watch.begin()
             perm = torch.randperm(len(y), generator=g)
             for s in range(0, len(y), 256):
                 b = perm[s : s + 256]
                 loss = F.cross_entropy(head(f[b]), y[b])
+                watch.observe(loss)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            if watch.end(epoch + 1) == guard.STOP:
+                break
         with torch.no_grad():
             return head(f)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from securetl import guard
 from securetl.interfaces import LabeledSet, Model, RunContext
 from securetl.numerics import Numerics, rand, randint
 from securetl.progress import bar_disabled
@@ -334,7 +335,10 @@ def train_loop(
     under the run's autocast. `schedule`, stepped once an epoch: None (constant lr), "cosine" (to 0 over the
     epochs: CosineAnnealingLR, T_max = epochs) or a list of epochs after which every lr is multiplied by 0.1
     (MultiStepLR). `on_epoch_end(epochs_done)` runs after each epoch and its schedule step (it may evaluate the
-    module; training mode is restored after it); True stops the loop there. Leaves `module` in eval mode."""
+    module; training mode is restored after it); True stops the loop there. Leaves `module` in eval mode.
+    Divergence (securetl.guard): a non-finite loss or parameter/buffer is checked once an epoch, before the
+    schedule step and `on_epoch_end`; under `recover` the epoch is undone (the state it started from, lr x 0.1) or,
+    after repeated triggers, the loop stops there. Recorded in ctx.diagnostics as `guard/<desc>`."""
     if optimizer == "sgd":
         opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
     elif optimizer == "adam":
@@ -347,11 +351,13 @@ def train_loop(
     # inputs and labels on the device once
     src, ys = num.resident(inputs), num.resident(y)
     g_aug = num.generator(g)
+    watch = guard.Watch(desc, module, opt, record=ctx.diagnostics)
     module.train()
     bar = tqdm(
         range(epochs), desc=desc, disable=bar_disabled(ctx.progress) or epochs * n < 200_000, leave=False
     )
     for epoch in bar:
+        watch.begin()
         perm = num.put(torch.randperm(n, generator=g))
         for s in range(0, n, batch_size):
             idx = perm[s : s + batch_size]
@@ -360,9 +366,12 @@ def train_loop(
                 xb = flip_crop(xb, g=g_aug)
             with num.autocast():
                 loss = loss_fn(module, xb, ys[idx])
+            watch.observe(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if watch.end(epoch + 1) == guard.STOP:
+            break
         if step_lr is not None:
             step_lr(epoch + 1)
         if on_epoch_end is not None:

@@ -43,8 +43,10 @@ NON_SEMANTIC_KEYS = (
     *NUMERICS_KEYS,
     *METADATA_KEYS,
 )
-# Nested keys of the same kind: where the data live (`dataset.root` defaults to ${paths.data_dir}).
-NON_SEMANTIC_LEAVES = ("dataset.root",)
+# Nested keys of the same kind: where the data live (`dataset.root` defaults to ${paths.data_dir}); what T-Core does
+# when a loop diverges (`recover` and `fail` write the same row for a run that does not diverge, and `fail` writes
+# none for one that does: the policy never changes a row).
+NON_SEMANTIC_LEAVES = ("dataset.root", "defense.divergence")
 GROUPS = ("dataset", "encoder", "encoder_attack", "data_attack", "defense", "probe", "threat", "ablation")
 
 
