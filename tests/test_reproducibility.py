@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY
@@ -52,6 +53,7 @@ def test_encoder_seed_changes_the_initial_weights(compose_cfg, tmp_path, monkeyp
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
+@pytest.mark.slow  # two processes / a two-job sweep: about a minute on 2 cores (make test-all)
 def test_the_thread_count_is_the_configs_not_the_processes(compose_cfg, tmp_path, monkeypatch):
     """A joblib worker starts with one thread, a plain run with all cores: `threads` decides, and the row
     records it."""
@@ -64,6 +66,7 @@ def test_the_thread_count_is_the_configs_not_the_processes(compose_cfg, tmp_path
     assert rows[0]["numerics"]["threads"] == 2
 
 
+@pytest.mark.slow  # two processes / a two-job sweep: about a minute on 2 cores (make test-all)
 def test_a_joblib_sweep_gives_the_rows_of_a_serial_sweep(tmp_path):
     """Two seeds, serially and with two joblib workers (each filling the encoder cache on its own)."""
 
