@@ -49,3 +49,36 @@ def compose_cfg(tmp_path, monkeypatch):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def spy_run(compose_cfg, monkeypatch):
+    """spy_run(overrides) -> (row, what the defense's train() received, the built splits): a tiny BadNets run
+    through the pipeline, for tests that check what a defense can reach."""
+    import securetl.pipeline as pipeline
+
+    real_build = pipeline.build
+
+    def _run(overrides):
+        seen, built = {}, {}
+
+        def build(node, **kw):
+            out = real_build(node, **kw)
+            target = str(node.get("_target_", ""))
+            if target.endswith("build_synthetic"):
+                built["splits"] = out
+            if target.startswith("securetl.defenses."):
+                real_train = out.train
+
+                def train(encoder, train, probe, ctx):
+                    seen.update(encoder=encoder, train=train, probe=probe, ctx=ctx)
+                    return real_train(encoder, train, probe, ctx)
+
+                out.train = train
+            return out
+
+        monkeypatch.setattr(pipeline, "build", build)
+        row = pipeline.run(compose_cfg(["data_attack=badnets", *overrides]))
+        return row, seen, built["splits"]
+
+    return _run

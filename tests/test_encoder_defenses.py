@@ -312,41 +312,14 @@ def shared_cache(tmp_path_factory, monkeypatch):
     yield lambda: monkeypatch.setenv("SECURETL_CACHE_DIR", str(path))
 
 
-def _spy_run(compose_cfg, monkeypatch, overrides):
-    """Run the pipeline; return the row, what the defense's train() received, and the built splits."""
-    import securetl.pipeline as pipeline
-
-    real_build = pipeline.build
-    seen, built = {}, {}
-
-    def build(node, **kw):
-        out = real_build(node, **kw)
-        target = str(node.get("_target_", ""))
-        if target.endswith("build_synthetic"):
-            built["splits"] = out
-        if target.startswith("securetl.defenses."):
-            real_train = out.train
-
-            def train(encoder, train, probe, ctx):
-                seen.update(encoder=encoder, train=train, probe=probe, ctx=ctx)
-                return real_train(encoder, train, probe, ctx)
-
-            out.train = train
-        return out
-
-    monkeypatch.setattr(pipeline, "build", build)
-    row = run(compose_cfg(["data_attack=badnets", *overrides]))
-    return row, seen, built["splits"]
-
-
 def _rows(x: torch.Tensor) -> set[bytes]:
     return {bytes(r.numpy().tobytes()) for r in x}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_runs_end_to_end_with_no_handle_on_test_data(compose_cfg, monkeypatch, shared_cache, case):
+def test_runs_end_to_end_with_no_handle_on_test_data(spy_run, shared_cache, case):
     shared_cache()
-    row, seen, splits = _spy_run(compose_cfg, monkeypatch, CASES[case])
+    row, seen, splits = spy_run(CASES[case])
     d, k = row["diagnostics"], row["knowledge"]
     assert k["needs_clean"] is True and k["n_clean"] == 20  # 0.05 x 300 -> 2 a class
     assert 0.0 <= row["metrics"]["acc"] <= 1.0
