@@ -49,7 +49,10 @@ def test_dct_is_orthonormal_and_block_dct_inverts():
 
 def test_frequency_trigger_touches_only_its_chroma_coefficients():
     x = 0.3 + 0.4 * torch.rand(4, 3, 32, 32)  # mid-range, so clamping does not interfere
-    t = FrequencyTrigger(window=16, channels=(1, 2), positions=((7, 7), (15, 15)), magnitude=30.0)
+    # YCbCr is inverted exactly (kornia's YUV pair, the default, is not: see the next test)
+    t = FrequencyTrigger(
+        window=16, channels=(1, 2), positions=((7, 7), (15, 15)), magnitude=30.0, color_space="ycbcr"
+    )
     y = t.apply(x)
     assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
     assert torch.equal(t.apply(x), y)
@@ -62,6 +65,64 @@ def test_frequency_trigger_touches_only_its_chroma_coefficients():
                 expected[:, 1:, r + u, c + v] = 30.0
     assert torch.allclose(diff, expected, atol=1e-2)  # luma and every other coefficient untouched
     assert float((y - x).abs().max()) < 12 / 255  # invisible: a few grey levels
+
+
+def _smooth_rgb() -> torch.Tensor:
+    """A fixed 32x32 RGB image, written out so that it needs no random generator."""
+    i, j = torch.arange(32.0).view(32, 1), torch.arange(32.0).view(1, 32)
+    r = 0.5 + 0.3 * torch.sin(i / 5.0) * torch.cos(j / 7.0)
+    g = 0.4 + 0.25 * torch.cos((i + 2 * j) / 9.0)
+    b = 0.6 - 0.2 * torch.sin((2 * i - j) / 6.0)
+    return torch.stack([r, g, b]).unsqueeze(0)
+
+
+# (channel, row, column) -> value of the poisoned image, from the authors' own code (meet-cjli/CTRL
+# utils/frequency.py, PoisonFre(..., window 32, positions 15 31, channels 1 2, rgb2yuv=True)
+# .Poison_Frequency_Diff(x, y, 100.0), with kornia 0.6.5's rgb_to_yuv / yuv_to_rgb), run in float64
+CTRL_REFERENCE = {
+    "plain": {
+        (0, 0, 0): 0.5153922175,
+        (1, 0, 0): 0.6368389704,
+        (2, 0, 0): 0.6273794180,
+        (0, 5, 7): 0.6457446913,
+        (1, 15, 15): 0.4362217989,
+        (2, 31, 31): 0.8066065978,
+        (0, 16, 3): 0.4827200732,
+        (2, 9, 30): 0.7798409450,
+    },
+    "bright": {  # 0.85 + 0.2 x: the trigger is clipped at 1 in 379 of the 3072 values
+        (0, 0, 0): 0.9654042175,
+        (2, 31, 31): 1.0,
+        (1, 15, 15): 0.9094940389,
+        (2, 9, 30): 0.9983935818,
+    },
+}
+
+
+@pytest.mark.parametrize("case", ["plain", "bright"])
+def test_ctrl_trigger_matches_the_authors_code_on_a_fixed_image(case):
+    x = _smooth_rgb()
+    if case == "bright":
+        x = (x * 0.2 + 0.85).clamp(0, 1)
+    y = FrequencyTrigger().apply(x)  # the defaults are the authors' CIFAR-10 command
+    for (c, r, col), want in CTRL_REFERENCE[case].items():
+        assert float(y[0, c, r, col]) == pytest.approx(want, abs=2e-6), (c, r, col)
+    if case == "plain":
+        assert float((y - x).abs().sum()) == pytest.approx(60.841941, abs=1e-3)
+        assert float((y - x).abs().max()) * 255 == pytest.approx(21.712167, abs=1e-3)
+    else:
+        assert int((y == 1).sum()) == 379 and float((y - x).abs().sum()) == pytest.approx(52.966122, abs=1e-3)
+    # the JPEG YCbCr of the paper's wording gives visibly different poisons (up to ~3 grey levels here)
+    assert float((FrequencyTrigger(color_space="ycbcr").apply(x) - y).abs().max()) * 255 > 1.0
+
+
+def test_ctrl_config_uses_the_authors_colour_pair():
+    from omegaconf import OmegaConf
+
+    from conftest import CONF
+
+    assert OmegaConf.load(CONF / "trigger" / "ctrl_freq.yaml").color_space == "yuv"
+    assert FrequencyTrigger().color_space == "yuv"  # the Python default is the YAML's
 
 
 def test_frequency_trigger_rejects_bad_settings():

@@ -165,6 +165,91 @@ def test_byol_is_symmetric():
     assert m.loss(a, b).item() == pytest.approx(m.loss(b, a).item(), rel=1e-5)
 
 
+def test_byol_target_is_an_ema_of_the_online_network():
+    """After every optimiser step: target <- tau * target + (1 - tau) * online, with tau raised from tau0 to
+    1 on the paper's cosine schedule (tau_k = 1 - (1 - tau0)(cos(pi k / K) + 1) / 2)."""
+    torch.manual_seed(0)
+    m = BYOL(build_encoder("cifar_resnet18", 4), proj_dim=8, hidden_dim=16, tau=0.9).train()
+    online = torch.nn.Sequential(m.encoder, m.projector)
+    assert all(torch.equal(t, o) for t, o in zip(m.target.parameters(), online.parameters()))  # a copy
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+    x = torch.rand(8, 3, 16, 16)
+    m.begin(4)
+    for k in range(4):
+        tau = m.tau
+        assert tau == pytest.approx(1 - 0.1 * (math.cos(math.pi * k / 4) + 1) / 2)
+        before = [t.detach().clone() for t in m.target.parameters()]
+        loss = m.loss(x, x.flip(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.after_step()
+        for t, t0, o in zip(m.target.parameters(), before, online.parameters()):
+            assert torch.allclose(t, tau * t0 + (1 - tau) * o.detach(), atol=1e-6)
+        assert not any(
+            torch.equal(t, o) for t, o in zip(m.target.parameters(), online.parameters()) if t.ndim > 1
+        )
+    assert m.tau == pytest.approx(1.0)
+
+
+def test_byol_schedule_and_weight_decay_groups():
+    enc = build_encoder("cifar_resnet18", 4)
+    plain = BYOL(enc, proj_dim=8, hidden_dim=16)
+    assert plain.lr_factor(0) is None and len(plain.param_groups(1e-4)) == 1  # as SimCLR / MoCo v2
+    m = BYOL(enc, proj_dim=8, hidden_dim=16, lr_warmup=0.1, lr_schedule="cosine", decay_bias_and_norm=False)
+    m.begin(100)
+    assert [m.lr_factor(k) for k in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # 10 warm-up steps
+    assert m.lr_factor(10) == pytest.approx(1.0) and m.lr_factor(55) == pytest.approx(0.5)
+    assert m.lr_factor(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    decayed, free = m.param_groups(1e-4)
+    assert decayed["weight_decay"] == 1e-4 and free["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in free["params"])
+    # every BatchNorm scale and shift, and every bias, is free of weight decay; the target is in no group
+    free_ids = {id(p) for p in free["params"]}
+    bn = [
+        p
+        for mod in m.modules()
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
+        for p in mod.parameters()
+    ]
+    assert {id(p) for p in bn if p.requires_grad} <= free_ids
+    trainable = {id(p) for p in m.parameters() if p.requires_grad}
+    assert {id(p) for g in (decayed, free) for p in g["params"]} == trainable
+    with pytest.raises(ValueError, match="lr_schedule"):
+        BYOL(enc, lr_schedule="step")
+    with pytest.raises(ValueError, match="lr_warmup"):
+        BYOL(enc, lr_warmup=1.0)
+
+
+def test_trainer_follows_the_methods_learning_rate_schedule(images, monkeypatch):
+    """The trainer sets encoder.lr x method.lr_factor(step) before each step; SimCLR keeps encoder.lr."""
+    seen = {}
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.setdefault(id(self), []).append([g["lr"] for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    ctx = RunContext(torch.device("cpu"), 0, 10, progress=False)
+    kw = dict(TINY_METHOD_KW["byol"], lr_warmup=0.25, lr_schedule="cosine", decay_bias_and_norm=False)
+    for name, method_kwargs in (("byol", kw), ("simclr", {})):
+        seen.clear()
+        torch.manual_seed(0)
+        _, history = trainer.pretrain(
+            build_encoder("cifar_resnet18", 4), images, ctx, ssl=name, epochs=2, batch_size=16, lr=1e-2,
+            method_kwargs=method_kwargs,
+        )  # fmt: skip
+        assert all(math.isfinite(h) for h in history)
+        (lrs,) = seen.values()
+        if name == "simclr":
+            assert lrs == [[1e-2]] * 8
+        else:  # 8 steps: 2 of warm-up, then a cosine over 6; both groups move together
+            expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+            assert [g for g, _ in lrs] == pytest.approx([1e-2 * f for f in expected])
+            assert all(a == b for a, b in lrs)
+
+
 def test_every_encoder_yaml_has_method_keys_its_ssl_takes():
     # test_configs checks keys against EncoderSpec; `method:` is a free dict there, so check it here
     from omegaconf import OmegaConf

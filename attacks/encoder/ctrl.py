@@ -4,8 +4,10 @@ fraction of the pre-training set, all drawn from the target class, and let SSL p
 The encoder learns that the trigger is a feature of the target class, because SSL's augmentations keep
 it while they change everything else about those images.
 
-At test time the same trigger (same magnitude) is added to downstream inputs, as in the authors' code
-(meet-cjli/CTRL loaders/diffaugment.py, PoisonAgent).
+As in the authors' code (meet-cjli/CTRL loaders/diffaugment.py, PoisonAgent): the poisons are made once,
+before pre-training, and the victim's augmented views are drawn from them; at test time the same trigger
+(same magnitude) is added to downstream inputs. The step-by-step comparison with that code is the header
+of conf/encoder_attack/ctrl.yaml.
 """
 
 from __future__ import annotations

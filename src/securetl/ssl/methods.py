@@ -57,6 +57,14 @@ class SSLMethod(nn.Module):
     def after_step(self) -> None:
         """Hook for momentum updates; SimCLR has none."""
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The optimiser's parameter groups: every trainable parameter, one weight decay (SimCLR, MoCo v2)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+    def lr_factor(self, step: int) -> float | None:
+        """encoder.lr's factor for optimiser step `step` (0-based); None: the trainer leaves the rate alone."""
+        return None
+
 
 class SimCLR(SSLMethod):
     """Chen et al., ICML 2020: encoder + MLP projection head, NT-Xent between the two views."""
@@ -158,6 +166,10 @@ class BYOL(SSLMethod):
 
     proj_dim / hidden_dim: projector and predictor sizes (256 / 4096 in the paper); tau: EMA rate at the
     start; tau_schedule: "cosine" raises tau to 1 over training as in the paper, "constant" keeps it.
+    lr_warmup: share of the run over which the learning rate rises linearly from 0 (the paper: 10 of 1000
+    epochs); lr_schedule: "cosine" then decays it to 0 (the paper), "constant" keeps it;
+    decay_bias_and_norm: False keeps weight decay off biases and BatchNorm parameters (the paper excludes
+    them from weight decay and LARS adaptation).
     """
 
     def __init__(
@@ -167,17 +179,26 @@ class BYOL(SSLMethod):
         hidden_dim: int = 4096,
         tau: float = 0.996,
         tau_schedule: str = "cosine",
+        lr_warmup: float = 0.0,
+        lr_schedule: str = "constant",
+        decay_bias_and_norm: bool = True,
     ) -> None:
         super().__init__(encoder)
         if not 0.0 <= tau < 1.0:
             raise ValueError(f"encoder.method.tau={tau} must lie in [0, 1)")
         if tau_schedule not in ("cosine", "constant"):
             raise ValueError(f"encoder.method.tau_schedule={tau_schedule!r}; choose cosine or constant")
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"encoder.method.lr_schedule={lr_schedule!r}; choose cosine or constant")
+        if not 0.0 <= lr_warmup < 1.0:
+            raise ValueError(f"encoder.method.lr_warmup={lr_warmup} must lie in [0, 1) (a share of the run)")
         d = encoder.feat_dim
         self.projector = mlp(d, hidden_dim, proj_dim)
         self.predictor = mlp(proj_dim, hidden_dim, proj_dim)
         self.target = frozen_copy(nn.Sequential(encoder, self.projector))
         self.tau0, self.tau, self.tau_schedule = tau, tau, tau_schedule
+        self.lr_warmup, self.lr_schedule = lr_warmup, lr_schedule
+        self.decay_bias_and_norm = decay_bias_and_norm
         self.step, self.total_steps = 0, 0
 
     def loss(self, v1: Tensor, v2: Tensor) -> Tensor:
@@ -196,6 +217,27 @@ class BYOL(SSLMethod):
         if self.tau_schedule == "cosine" and self.total_steps:
             progress = min(1.0, self.step / self.total_steps)
             self.tau = 1 - (1 - self.tau0) * (math.cos(math.pi * progress) + 1) / 2
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        if self.decay_bias_and_norm:
+            return super().param_groups(weight_decay)
+        params = [p for p in self.parameters() if p.requires_grad]
+        # biases and BatchNorm scales/shifts are the 1-d parameters
+        return [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+
+    def lr_factor(self, step: int) -> float | None:
+        if self.lr_warmup == 0 and self.lr_schedule == "constant":
+            return None
+        warm = int(self.lr_warmup * self.total_steps)
+        if step < warm:
+            return (step + 1) / warm
+        if self.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, self.total_steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 SSL_METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "mocov2": MoCoV2, "byol": BYOL}

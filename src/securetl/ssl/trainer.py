@@ -1,7 +1,9 @@
 """One SSL training loop for every method: two augmented views per image, the method's loss, Adam.
 
 Methods with a momentum network (MoCo v2, BYOL) are told the run's length once (`method.begin`) and
-update that network after every optimiser step (`method.after_step`); nothing else differs per method.
+update that network after every optimiser step (`method.after_step`). A method may also shape the
+optimiser (`method.param_groups`, `method.lr_factor`: BYOL's weight-decay exclusions and learning-rate
+schedule); SimCLR and MoCo v2 keep one group and a constant rate.
 
 The images may come in groups of different sizes (CorruptEncoder's poisons are twice as wide as tall, as
 an attacker's uploads may be): batches are drawn from all of them, each group is cropped at its own
@@ -50,9 +52,8 @@ def pretrain(
     g_aug = num.generator(g)  # the views' random parameters, drawn where the batch is
     method = num.module(build_method(ssl, encoder, **(method_kwargs or {})))
     aug = SimCLRAugment(**(augment or {}))
-    opt = torch.optim.Adam(
-        [p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-    )
+    # the method's groups: BYOL keeps weight decay off biases and normalisation parameters
+    opt = torch.optim.Adam(method.param_groups(weight_decay), lr=lr, weight_decay=weight_decay)
     # uint8 images on the device once (or pinned), not copied from pageable memory every step
     resident = [num.resident(gr) for gr in groups]
     n = int(starts[-1])
@@ -61,12 +62,15 @@ def pretrain(
     method.train()
     method.begin(epochs * steps)
     bar = tqdm(range(epochs), desc=f"{ssl} pre-training", disable=bar_disabled(ctx.progress), leave=False)
-    for _ in bar:
+    for epoch in bar:
         perm = torch.randperm(n, generator=g)
         order = num.put(perm) if len(groups) == 1 else perm
         # summed on the device and read once per epoch: a per-step .item() would stall the GPU every step
         total = torch.zeros((), dtype=torch.float64, device=ctx.device)
         for s in range(steps):
+            if (factor := method.lr_factor(epoch * steps + s)) is not None:  # BYOL's warm-up, cosine decay
+                for group in opt.param_groups:
+                    group["lr"] = lr * factor
             idx = order[s * batch_size : (s + 1) * batch_size]
             if len(groups) == 1:
                 parts = [num.batch(resident[0][idx])]

@@ -1,12 +1,16 @@
 """CTRL's frequency-domain trigger (Li et al., ICCV 2023): a fixed perturbation of chosen DCT coefficients
 of the chroma channels, invisible in pixel space and robust to SSL's augmentations.
 
-    RGB (0-255) -> YCbCr -> block DCT (window x window, orthonormal) of the chroma channels
+    RGB (0-255) -> YUV -> block DCT (window x window, orthonormal) of the chroma channels
       -> + magnitude at fixed (u, v) positions of every block -> inverse DCT -> RGB -> clamp to [0, 1]
 
-Defaults follow the authors' CIFAR-10 command (meet-cjli/CTRL README, utils/frequency.py): window 32
-(one block per 32x32 image), channels 1 and 2 (the two chroma channels), positions (15, 15) and (31, 31)
-(one mid and one high frequency), magnitude 100 on the 0-255 scale.
+As the authors' code does it (meet-cjli/CTRL utils/frequency.py, PoisonFre.Poison_Frequency_Diff, called
+with rgb2yuv=True from main_train.py): kornia's rgb_to_yuv there and kornia's yuv_to_rgb back. kornia's
+two matrices are rounded to three decimals and are not exact inverses, so the authors' round trip also
+moves every pixel of a poisoned image by up to ~0.2 grey levels; color_space="yuv" reproduces that pair.
+Defaults follow the authors' CIFAR-10 command (README): window 32 (one block per 32x32 image), channels 1
+and 2 (U and V), positions (15, 15) and (31, 31) (one mid and one high frequency), magnitude 100 on the
+0-255 scale.
 """
 
 from __future__ import annotations
@@ -19,11 +23,18 @@ from torch import Tensor
 
 from securetl.interfaces import Trigger
 
-# full-range BT.601 (JPEG) YCbCr, as in the paper; "yuv" is the matrix of kornia.color.rgb_to_yuv, which
-# the authors' code calls. Offsets (128 for Cb/Cr) only move the DC coefficient and cancel on the way back.
+# full-range BT.601 (JPEG) YCbCr, the space the paper's text names; offsets (128 for Cb/Cr) only move the DC
+# coefficient and cancel on the way back, so the exact inverse is used.
 _RGB2YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+# kornia.color.rgb_to_yuv and yuv_to_rgb (kornia/color/yuv.py, the same in the 0.6.5 the authors pin): the
+# pair the authors' code runs, kept as a pair (the second is not the first's exact inverse)
 _RGB2YUV = torch.tensor([[0.299, 0.587, 0.114], [-0.147, -0.289, 0.436], [0.615, -0.515, -0.100]])
-COLOR_SPACES = {"ycbcr": _RGB2YCBCR, "yuv": _RGB2YUV}
+_YUV2RGB_KORNIA = torch.tensor([[1.0, 0.0, 1.14], [1.0, -0.396, -0.581], [1.0, 2.029, 0.0]])
+# colour space -> (forward, backward) matrices
+COLOR_SPACES = {
+    "ycbcr": (_RGB2YCBCR, torch.linalg.inv(_RGB2YCBCR)),
+    "yuv": (_RGB2YUV, _YUV2RGB_KORNIA),
+}
 
 
 def dct_matrix(n: int, dtype=torch.float32) -> Tensor:
@@ -48,7 +59,8 @@ def block_dct(x: Tensor, window: int, inverse: bool = False) -> Tensor:
 class FrequencyTrigger(Trigger):
     """window: DCT block size (image sides must be multiples of it); channels: which channels of the
     colour space get the trigger (0 = luma, 1, 2 = chroma); positions: (u, v) coefficients inside each
-    block; magnitude: value added to each of them, on the 0-255 pixel scale; color_space: ycbcr | yuv."""
+    block; magnitude: value added to each of them, on the 0-255 pixel scale; color_space: yuv (kornia's
+    pair, as the authors' code runs it) | ycbcr (JPEG's, inverted exactly)."""
 
     def __init__(
         self,
@@ -56,7 +68,7 @@ class FrequencyTrigger(Trigger):
         channels: Sequence[int] = (1, 2),
         positions: Sequence[Sequence[int]] = ((15, 15), (31, 31)),
         magnitude: float = 100.0,
-        color_space: str = "ycbcr",
+        color_space: str = "yuv",
     ) -> None:
         if window < 1:
             raise ValueError(f"trigger.window must be >= 1, got {window}")
@@ -74,8 +86,7 @@ class FrequencyTrigger(Trigger):
             )
         self.window, self.channels, self.positions = int(window), channels, positions
         self.magnitude, self.color_space = float(magnitude), color_space
-        self.rgb2c = COLOR_SPACES[color_space]
-        self.c2rgb = torch.linalg.inv(self.rgb2c)
+        self.rgb2c, self.c2rgb = COLOR_SPACES[color_space]
         # the spectral offset that is added to every block of every chosen channel
         spec = torch.zeros(3, self.window, self.window)
         for u, v in positions:
