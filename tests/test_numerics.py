@@ -79,10 +79,16 @@ def test_masked_bn_tail_and_unmask_are_built_where_the_encoder_lives():
     assert _on(plain, "meta")
 
 
-def test_the_gpu_scale_threat1_preset_sets_its_scale_and_runs_at_tiny_sizes(compose_cfg):
-    full = compose_cfg(["table=threat1_synthetic_gpu"], tiny=False)
+@pytest.mark.parametrize(
+    "table, attack",
+    [("threat1_synthetic_gpu", "sslbackdoor"), ("encoder_seed_synthetic_gpu", "ctrl"),
+     ("encoder_seed_synthetic_gpu", "corruptencoder")],
+)  # fmt: skip
+def test_the_gpu_scale_threat1_presets_set_their_scale_and_run_at_tiny_sizes(compose_cfg, table, attack):
+    full = compose_cfg([f"table={table}"], tiny=False)
     assert (full.encoder.width, full.encoder.epochs, full.encoder.batch_size) == (64, 40, 256)
     assert full.dataset.n_pretrain == 16000
-    row = pipeline.run(compose_cfg(["table=threat1_synthetic_gpu", "encoder_attack=sslbackdoor"]))
+    row = pipeline.run(compose_cfg([f"table={table}", f"encoder_attack={attack}", "encoder.seed=1"]))
     assert row["choices"]["encoder"] == "synthetic_simclr_resnet18_gpu"
+    assert row["config"]["encoder"]["seed"] == 1
     assert 0.0 <= row["metrics"]["knn_asr"] <= 1.0
