@@ -236,7 +236,9 @@ class DECREE(Defense):
     def detect(self, encoder: nn.Module, images: Tensor, ctx: RunContext) -> dict[str, Any]:
         """Steps 1-3 (the inversion from the cache when it has it); records and returns the diagnostics."""
         cache = ctx.cache
-        key = config_hash("decree", state_digest(encoder), digest(images), asdict(self.inv), ctx.seed)
+        key = config_hash(
+            "decree", state_digest(encoder), digest(images), asdict(self.inv), ctx.seed, ctx.num.record()
+        )
         with cache.building("decree", key) if cache else nullcontext():
             state = cache.load_state("decree", key) if cache else None
             if state is not None:

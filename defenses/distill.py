@@ -287,7 +287,9 @@ class Distillation(Defense):
             self.diagnostics["distill/distilled"] = False
             return encoder
         cache = ctx.cache
-        key = config_hash("distilled", state_digest(encoder), digest(clean.x), asdict(self.s), ctx.seed)
+        key = config_hash(
+            "distilled", state_digest(encoder), digest(clean.x), asdict(self.s), ctx.seed, ctx.num.record()
+        )
         with cache.building("distilled", key) if cache else nullcontext():
             state = cache.load_state("distilled", key) if cache else None
             if state is not None:

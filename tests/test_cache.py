@@ -35,6 +35,17 @@ def test_encoder_key_follows_relevant_config_only(compose_cfg):
     assert run(compose_cfg(["dataset.n_pretrain=192"]))["cache_keys"]["encoder"] != base
 
 
+def test_encoder_keys_follow_the_numerics(compose_cfg):
+    """An encoder pre-trained (or implanted) under 1 CPU thread differs from one made under 2: a row must not
+    depend on which of its sweep's jobs filled the cache, so the thread count is part of the key."""
+    # one run_id (the numerics stay out of it, the row records them): resume=false computes the second
+    one = run(compose_cfg(["threads=1", "encoder_attack=badencoder"]))["cache_keys"]
+    two = run(compose_cfg(["threads=2", "encoder_attack=badencoder", "resume=false"]))["cache_keys"]
+    assert one["encoder"] != two["encoder"] and one["implanted"] != two["implanted"]
+    again = run(compose_cfg(["threads=1", "encoder_attack=badencoder", "seed=1"]))["cache_keys"]
+    assert {k: again[k] for k in ("encoder", "implanted")} == {k: one[k] for k in ("encoder", "implanted")}
+
+
 def test_run_id_ignores_where_results_go(compose_cfg):
     a = compose_cfg([])
     b = compose_cfg(["progress=true", "logger=none", "resume=false"])

@@ -5,7 +5,9 @@
     implanted:  an encoder fine-tuning attack (BadEncoder, DRUPE) runs on it  -> cached "implanted/<key>"
 
 Keys hash the encoder config, a digest of the actual pre-training images, and the attack config where one
-acts, so changing the downstream split or the seed of the downstream run does not retrain an encoder.
+acts, so changing the downstream split or the seed of the downstream run does not retrain an encoder. They
+also hash the numerics (device, precision, CPU threads): an encoder trained under 1 thread differs from one
+trained under 2, and a row must not depend on which of its sweep's jobs filled the cache.
 """
 
 from __future__ import annotations
@@ -112,11 +114,10 @@ def obtain(
             parts = pretraining_sets(attack.poison_pretraining(pretrain_set, g, background=background))
             # keyed by the poisoned images themselves (cheap to make), so that a change in how an attack
             # composes them, not only in its config, is another encoder
-            key = config_hash("encoder", asdict(spec), *(digest(p.x) for p in parts))
+            key = config_hash("encoder", asdict(spec), *(digest(p.x) for p in parts), ctx.num.record())
         else:
             parts = [pretrain_set]
-            # the trailing None keeps the keys clean encoders were cached under before poisons were keyed
-            key = config_hash("encoder", asdict(spec), digest(pretrain_set.x), None)
+            key = config_hash("encoder", asdict(spec), digest(pretrain_set.x), None, ctx.num.record())
         keys["encoder"] = key
         # one job builds it, concurrent jobs that need it too wait and load it
         with cache.building("encoder", key) if cache else nullcontext():
@@ -144,7 +145,11 @@ def obtain(
     encoder = ctx.num.module(encoder.eval())
     if attack.kind == "finetune":
         key = config_hash(
-            "implanted", keys["encoder"], attack_cfg, digest(reference.x) if reference is not None else None
+            "implanted",
+            keys["encoder"],
+            attack_cfg,
+            digest(reference.x) if reference is not None else None,
+            ctx.num.record(),
         )
         keys["implanted"] = key
         # one job builds it, concurrent jobs that need it too wait and load it
