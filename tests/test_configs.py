@@ -21,6 +21,7 @@ GROUPS = [
     "table",
     "threat",
     "ablation",
+    "variant",
 ]
 
 

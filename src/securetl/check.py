@@ -34,6 +34,7 @@ GROUPS = (
     "logger",
     "threat",
     "ablation",
+    "variant",
     "table",
     "trigger",
 )

@@ -48,6 +48,8 @@ NON_SEMANTIC_KEYS = (
 # none for one that does: the policy never changes a row).
 NON_SEMANTIC_LEAVES = ("dataset.root", "defense.divergence")
 GROUPS = ("dataset", "encoder", "encoder_attack", "data_attack", "defense", "probe", "threat", "ablation")
+# Groups added after rows existed: in a row's choices only when chosen, so that older rows keep their run_id.
+LATE_GROUPS = ("variant",)
 
 
 def resolved(cfg: DictConfig, drop: tuple[str, ...] = ("hydra",)) -> dict[str, Any]:
@@ -81,7 +83,7 @@ def choices_of(cfg: DictConfig) -> dict[str, str]:
         ch = cfg.hydra.runtime.choices
     else:
         raise ValueError("group choices unknown: compose with return_hydra_config=True or pass choices=")
-    return {g: str(ch.get(g)) for g in GROUPS}
+    return {g: str(ch.get(g)) for g in GROUPS} | {g: str(ch[g]) for g in LATE_GROUPS if ch.get(g) is not None}
 
 
 # what resume and the tables read from every row, and the type each must have

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from securetl.results import read_failures, read_rows
+from securetl.results import LATE_GROUPS, read_failures, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def flatten(
     fixes or groups by), each record also lists the row's other overrides (`_extra`, see extra_overrides)."""
     recs = []
     for r in rows:
-        rec = dict(r["choices"])
+        # a row that names no variant (written before the group existed) did not choose one
+        rec = dict.fromkeys(LATE_GROUPS, "None") | r["choices"]
         rec["seed"] = r["seed"]
         if described is not None:
             rec["_extra"] = tuple(extra_overrides(r, described))
@@ -216,7 +217,7 @@ def seeds_note(counts: Sequence[int]) -> str:
     return f"ACC and ASR in %, {spread}."
 
 
-OPTIONAL_PRESETS = ("threat", "ablation")
+OPTIONAL_PRESETS = ("threat", "ablation", "variant")
 
 
 def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:

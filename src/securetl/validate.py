@@ -268,11 +268,11 @@ def _balanced(n: int, num_classes: int) -> tuple[int, ...]:
 
 
 def _synthetic_sizes(d: dict) -> DataSizes:
-    # securetl.data.synthetic.generate draws class c for n // C + (c < n % C) of its n images
-    c = int(d["num_classes"])
-    return DataSizes(
-        c, _balanced(d["n_train"], c), _balanced(d["n_reference"], c), _balanced(d["n_pretrain"], c)
-    )
+    # securetl.data.synthetic.generate draws class c for n // C + (c < n % C) of its n images; a variant's
+    # `downstream.num_classes` is the downstream splits' C, the pre-training split keeps the top-level one
+    c, c_pre = int((d.get("downstream") or {}).get("num_classes", d["num_classes"])), int(d["num_classes"])
+    pretrain = (_balanced(d["n_pretrain"], c_pre) + (0,) * c)[:c]  # counted as DataSizes.of counts it
+    return DataSizes(c, _balanced(d["n_train"], c), _balanced(d["n_reference"], c), pretrain)
 
 
 # Datasets whose class counts follow from their config alone: checked before the data are made.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -243,6 +244,12 @@ def generate(
     return LabeledSet(to_uint8(img), y.long())
 
 
+# the settings generate() draws images with besides `size`; `downstream` may change them and the seed
+GENERATION_KEYS = ("num_classes", "noise", "distractor_prob", "low_contrast_prob", "scale", "min_contrast")
+GENERATION_KEYS += ("bg_contrast", "pattern_strength", "palette_size")
+DOWNSTREAM_KEYS = ("seed", *GENERATION_KEYS)
+
+
 def build_synthetic(
     n_train: int = 4000,
     n_test: int = 2000,
@@ -262,6 +269,7 @@ def build_synthetic(
     pretrain_domain: str = "pretrain",
     downstream_domain: str = "downstream",
     n_clean: int | None = None,
+    downstream: dict[str, Any] | None = None,
 ) -> Splits:
     """Build the synthetic splits. All sizes and difficulty knobs are config keys (conf/dataset/synthetic.yaml);
     the defaults here are that YAML's values (tests/test_usability.py checks it), so a call from code builds
@@ -272,33 +280,49 @@ def build_synthetic(
     down to whole classes (enough for `defense.clean_fraction` up to 0.1). Not in the YAML on purpose: a new
     key would change the run_id of every synthetic row; `+dataset.n_clean=N` sets it.
 
+    `downstream`: generation settings (`DOWNSTREAM_KEYS`: seed, num_classes, palette, shapes, texture, noise)
+    that the downstream splits (train, test, reference, clean) take instead of the top-level ones. The
+    pre-training split and the backgrounds keep the top-level settings, so a dataset variant
+    (conf/variant/, docs/validation.md) keeps the default's pre-training images, and with them the cached
+    encoder (its key hashes those images). None (or {}) builds exactly what it built before the key
+    existed; not in the YAML, for the same reason as `n_clean`: `+dataset.downstream.seed=1` sets it.
+
     Memoised per process on the arguments: a multirun's jobs share one build (~2 s each otherwise). Callers
     never modify splits in place (attacks clone before poisoning), so sharing the tensors is safe.
     """
-    return _build_splits(**{**locals(), "scale": tuple(scale)})  # hashable: Hydra hands lists over
+    return _build_splits(**{**locals(), "scale": tuple(scale), "downstream": _hashable(downstream)})
+
+
+def _hashable(downstream: dict[str, Any] | None) -> tuple:
+    """`downstream` as sorted (key, value) pairs (lists as tuples: Hydra hands lists over), for the memo."""
+    unknown = sorted(set(downstream or {}) - set(DOWNSTREAM_KEYS))
+    if unknown:
+        raise ValueError(f"dataset.downstream: unknown {unknown}; it may set {', '.join(DOWNSTREAM_KEYS)}")
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (downstream or {}).items()))
 
 
 @functools.lru_cache(maxsize=1)  # one configuration at a time: a sweep over dataset sizes keeps no old copies
 def _build_splits(**a) -> Splits:
-    seed, num_classes = a["seed"], a["num_classes"]
-    keys = ("size", "num_classes", "noise", "distractor_prob", "low_contrast_prob", "scale", "min_contrast")
-    keys += ("bg_contrast", "pattern_strength", "palette_size")
-    kw = {k: a[k] for k in keys} | {"palette_seed": seed}
+    d = a | dict(a["downstream"])  # the downstream splits' settings; `a` alone makes the pre-training split
+
+    def kw(s: dict) -> dict:
+        return {k: s[k] for k in ("size", *GENERATION_KEYS)} | {"palette_seed": s["seed"]}
+
     # train and test of the same domain use disjoint seeds so they never share an image
     down, pre = a["downstream_domain"], a["pretrain_domain"]
-    train = generate(a["n_train"], down, seed * 3 + 0, **kw)
-    test = generate(a["n_test"], down, seed * 3 + 1, **kw)
-    pretrain = generate(a["n_pretrain"], pre, seed * 3 + 2, **kw)
-    reference = generate(a["n_reference"], down, seed * 3 + 1_000_003, **kw)
-    background = backgrounds(a["n_pretrain"] // num_classes, pre, seed * 3 + 2_000_003, **kw)
-    n_clean = a["n_clean"]
+    train = generate(a["n_train"], down, d["seed"] * 3 + 0, **kw(d))
+    test = generate(a["n_test"], down, d["seed"] * 3 + 1, **kw(d))
+    pretrain = generate(a["n_pretrain"], pre, a["seed"] * 3 + 2, **kw(a))
+    reference = generate(a["n_reference"], down, d["seed"] * 3 + 1_000_003, **kw(d))
+    background = backgrounds(a["n_pretrain"] // a["num_classes"], pre, a["seed"] * 3 + 2_000_003, **kw(a))
+    num_classes, n_clean = d["num_classes"], a["n_clean"]
     if n_clean is None:
         n_clean = a["n_train"] // 10 // num_classes * num_classes
     if n_clean < 0:
         raise ValueError(f"dataset.n_clean={n_clean} must be >= 0")
     # the clean reserve: the downstream domain, its own seed (disjoint from train/test/reference streams);
     # generate() balances classes exactly when n_clean is a multiple of num_classes
-    clean = generate(n_clean, down, seed * 3 + 3_000_003, **kw) if n_clean else None
+    clean = generate(n_clean, down, d["seed"] * 3 + 3_000_003, **kw(d)) if n_clean else None
     return Splits(
         name="synthetic",
         train=train,
