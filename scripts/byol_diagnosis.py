@@ -29,6 +29,7 @@ from securetl.data.synthetic import build_synthetic
 from securetl.encoders.resnet import build_encoder
 from securetl.interfaces import RunContext
 from securetl.metrics import knn_predict
+from securetl.probe import batched_forward
 from securetl.ssl.augment import SimCLRAugment
 from securetl.ssl.losses import normalized_mse
 from securetl.ssl.methods import ema_update, mlp
@@ -40,9 +41,10 @@ BYOL_METHOD = {"proj_dim": 128, "hidden_dim": 512, "tau": 0.99}  # conf/encoder/
 
 
 def features(enc: nn.Module, x: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+    """Features of uint8 images; batch_stats: BatchNorm on each batch of 500 instead of its running statistics."""
     enc.train(batch_stats)
     with torch.no_grad():
-        out = torch.cat([enc(x[i : i + 500].float() / 255) for i in range(0, len(x), 500)])
+        out = batched_forward(enc, x, torch.device("cpu"), batch=500)
     enc.eval()
     return out
 
