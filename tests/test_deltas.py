@@ -83,3 +83,22 @@ def test_every_delta_names_real_options_and_keys(path, compose_cfg):
             cfg = compose_cfg([f"dataset={path.stem}", f"{group}={option}"])
             missing = set(keys) - set(cfg[group])
             assert not missing, f"{path.name}: {group}={option} lacks {missing}"
+
+
+@pytest.mark.parametrize("defense,node", [("distill", "defense"), ("decree", "defense.distill")])
+def test_distillation_uses_the_synthetic_encoders_views_on_synthetic_data(compose_cfg, defense, node):
+    """The SimCLR views of distillation (alone, or as DECREE's action) are the synthetic encoders' own there."""
+    cfg = compose_cfg([f"defense={defense}"])
+    assert OmegaConf.select(cfg, f"{node}.augment") is None  # the method YAML keeps SimCLR's CIFAR views
+    _apply(cfg, [])
+    views = OmegaConf.to_container(OmegaConf.select(cfg, f"{node}.augment"))
+    assert views == OmegaConf.to_container(cfg.encoder.augment)
+    assert OmegaConf.select(cfg, f"{node}.loss") == "attention"  # the node's other keys stay (no node replaced)
+    over = [f"defense={defense}", f"{node}.loss=sp"]
+    cfg = compose_cfg(over)
+    _apply(cfg, over)
+    assert OmegaConf.select(cfg, f"{node}.loss") == "sp" and OmegaConf.select(cfg, f"{node}.augment") is not None
+    over = [f"defense={defense}", f"{node}.augment={{jitter:0.4}}"]  # the user's views win over the delta's
+    cfg = compose_cfg(over)
+    _apply(cfg, over)
+    assert OmegaConf.to_container(OmegaConf.select(cfg, f"{node}.augment")) == {"jitter": 0.4}

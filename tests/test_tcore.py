@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from omegaconf import OmegaConf
 
 from securetl.defenses.tcore.bootstrap import Trainer, bootstrap, meta_scores
 from securetl.defenses.tcore.channels import (
@@ -18,6 +19,8 @@ from securetl.defenses.tcore.sifting import sift
 from securetl.encoders.resnet import cifar_resnet18
 from securetl.interfaces import Defense, LabeledSet
 from securetl.pipeline import run
+
+from conftest import CONF
 
 
 def blobs(n_per_class=60, n_classes=3, dim=8, seed=0):
@@ -69,6 +72,34 @@ def test_label_agreement_keeps_source_class_poisons_out_of_the_seed():
     guarded = sift(layers, y, agreement=0.5, **kw)
     assert not set(planted.tolist()) & set(guarded.seed_idx.tolist())
     assert len(guarded.seed_idx) == len(plain.seed_idx)
+
+
+def _tcore_defaults() -> dict:
+    """TIS's keyword arguments as conf/defense/tcore.yaml sets them (the defaults a run uses)."""
+    cfg = OmegaConf.load(CONF / "defense" / "tcore.yaml")
+    keys = ("alpha", "k", "eps_quantile", "min_samples", "density_ceiling", "agreement")
+    return {k: cfg[k] for k in keys}
+
+
+def test_tis_keeps_the_seed_clean_on_a_small_dataset_with_a_tight_poison_cluster():
+    # issue 18: about 100 images per class, 10 % of one class a tight cluster of dirty-label poisons (other
+    # classes' content, a shared trigger direction), at the YAML's defaults: the seed holds 2 per class
+    g = torch.Generator().manual_seed(0)
+    n_per, classes, dim = 100, 10, 16
+    centres = torch.randn(classes, dim, generator=g) * 2
+    y = torch.arange(classes).repeat_interleave(n_per)
+    x = centres[y] + 0.6 * torch.randn(len(y), dim, generator=g)
+    source = torch.randint(1, classes, (10,), generator=g)
+    trigger = 2 * torch.randn(dim, generator=g)
+    poisons = 0.3 * (centres[source] + 0.6 * torch.randn(10, dim, generator=g)) + trigger
+    x = torch.cat([x, poisons + 0.05 * torch.randn(10, dim, generator=g)])
+    y = torch.cat([y, torch.zeros(10, dtype=torch.long)])
+    planted = set(range(n_per * classes, n_per * classes + 10))
+    w1, w2 = torch.randn(dim, dim, generator=g), torch.randn(dim, dim, generator=g)
+    res = sift([x, torch.relu(x @ w1), torch.tanh(x @ w2)], y, **_tcore_defaults())
+    assert not planted & set(res.seed_idx.tolist())
+    assert len(res.seed_idx) == classes * 2
+    assert (torch.bincount(y[res.seed_idx], minlength=classes) == 2).all()
 
 
 def test_confusion_training_ranks_shortcut_samples_lowest_loss():

@@ -25,26 +25,45 @@ def overridden_keys(overrides: list[str]) -> set[str]:
     return keys
 
 
+def _leaves(cfg: DictConfig, dotted: str, value, mine: set[str]) -> list[tuple[str, object]]:
+    """The (dotted key, value) pairs a delta sets. It descends into a mapping where the config holds a mapping
+    too, so that `decree: {distill: {augment: ...}}` changes `augment` and leaves distill's other keys alone,
+    and it leaves out every key the user set (`mine`): the key itself or a node above it."""
+    if any(dotted == k or dotted.startswith(k + ".") for k in mine):
+        return []
+    node = OmegaConf.select(cfg, dotted, throw_on_missing=False)
+    if OmegaConf.is_dict(value) and isinstance(node, DictConfig):
+        out: list[tuple[str, object]] = []
+        for key, sub in value.items():
+            if key not in node:
+                raise ConfigError(
+                    f"conf/deltas: {dotted} has no key {key!r} (the delta file names a key its method lacks)"
+                )
+            out += _leaves(cfg, f"{dotted}.{key}", sub, mine)
+        return out
+    if any(k.startswith(dotted + ".") for k in mine):  # the user set a key inside a node the delta would replace
+        return []
+    return [(dotted, value)]
+
+
 def apply_deltas(cfg: DictConfig, choices: dict[str, str], overrides: list[str]) -> dict[str, object]:
     """Merge `cfg.deltas.<group>.<option>` into `cfg.<group>` for the chosen options; returns what changed."""
     deltas = cfg.get("deltas")
     if not deltas:
         return {}
-    mine = overridden_keys(overrides)
+    mine = overridden_keys(overrides) - set(choices)  # `data_attack=tact` picks an option: no key of it is the user's
     applied: dict[str, object] = {}
     for group, per_option in deltas.items():
         option = choices.get(str(group))
         if option is None or per_option is None or option not in per_option:
             continue
         for key, value in per_option[option].items():
-            dotted = f"{group}.{key}"
-            if dotted in mine:
-                continue
             if key not in cfg[group]:
                 raise ConfigError(
                     f"conf/deltas: {group}={option} has no key {key!r} (the delta file names a key its method lacks)"
                 )
-            with open_dict(cfg):
-                OmegaConf.update(cfg, dotted, value, merge=False)
-            applied[dotted] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            for dotted, leaf in _leaves(cfg, f"{group}.{key}", value, mine):
+                with open_dict(cfg):
+                    OmegaConf.update(cfg, dotted, leaf, merge=False)
+                applied[dotted] = OmegaConf.to_container(leaf) if OmegaConf.is_config(leaf) else leaf
     return applied
