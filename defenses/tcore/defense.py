@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 
 import torch
@@ -131,7 +130,6 @@ class TCore(Defense):
         batch_size: int = 128,
         weight_decay: float = 0.0,
         # every phase's loops
-        budget_size: int = 0,
         divergence: str = "recover",
     ) -> None:
         super().__init__()
@@ -157,8 +155,6 @@ class TCore(Defense):
             raise ValueError(f"defense.trusted_from={trusted_from!r}; choose fitted or pretrained")
         if any(not 0.0 < f <= 1.0 for f in expansion_fractions):
             raise ValueError("defense.expansion_fractions must lie in (0, 1]")
-        if budget_size < 0:
-            raise ValueError(f"defense.budget_size={budget_size} must be >= 0 (0 = epochs as written)")
         self.cfg = {k_: v for k_, v in locals().items() if k_ not in ("self", "__class__")}
         for key, value in self.cfg.items():
             setattr(self, key, value)
@@ -175,7 +171,6 @@ class TCore(Defense):
         num = ctx.num
         t: dict[str, float] = {}
         y, c = train.y, ctx.num_classes
-        ep = self._epoch_counts(len(y))
         n_stages = len(encoder.stages)
         k = min(self.trainable_stages, n_stages - 1)
         start = n_stages - k if (self.train_encoder and k > 0) else n_stages
@@ -192,7 +187,7 @@ class TCore(Defense):
         if self.tis:
             tis_feats = [layers[i] for i in self.tis_layers]
             if self.tis_logits:
-                tis_feats.append(self._reference_logits(feats, y, c, g, ep["ref_epochs"]))
+                tis_feats.append(self._reference_logits(feats, y, c, g))
             res = sift(
                 tis_feats,
                 y,
@@ -228,7 +223,7 @@ class TCore(Defense):
                 tuple(self.expansion_fractions),
                 exclude=dense,
                 lam=self.lam,
-                epochs=ep["confusion_epochs"],
+                epochs=self.confusion_epochs,
                 batch_size=256,
                 num=num,
             )
@@ -248,7 +243,7 @@ class TCore(Defense):
         if self.channel_filter and stages:
             fitted = num.module(Tail(stages, encoder.feat_dim, c))
             trainer_all.train(
-                fitted, acts, y, ep["fit_epochs"], g
+                fitted, acts, y, self.fit_epochs, g
             )  # the model D would give: backdoor included
             if self.trusted_from == "fitted":
                 # chi keeps what the fitted model learned; psi (the channels clean recovery did not need) restarts
@@ -261,7 +256,7 @@ class TCore(Defense):
                 take(acts, subset),
                 y[subset],
                 g,
-                ep["recover_epochs"],
+                self.recover_epochs,
                 self.recover_lr,
                 self.mask_l1,
                 num=num,
@@ -297,9 +292,9 @@ class TCore(Defense):
                 self.rho,
                 self.loss_guided_steps,
                 self.meta_guided_steps,
-                ep["epochs_per_step"],
-                ep["meta_epochs"],
-                ep["final_epochs"],
+                self.epochs_per_step,
+                self.meta_epochs,
+                self.final_epochs,
                 train_stages,
                 self.pool_quota,
                 self.final_cosine,
@@ -311,7 +306,7 @@ class TCore(Defense):
         else:
             pool = subset
             trainer.train(
-                tail, take(acts, pool), y[pool], ep["final_epochs"], g, train_stages, cosine=self.final_cosine
+                tail, take(acts, pool), y[pool], self.final_epochs, g, train_stages, cosine=self.final_cosine
             )
         self.decisions["kept_idx"] = pool
         t["bootstrap"] = time.perf_counter() - t0
@@ -323,26 +318,6 @@ class TCore(Defense):
         return Model(final, tail.head).eval()
 
     # ------------------------------------------------------------------ helpers
-    EPOCH_KEYS = (
-        "ref_epochs",
-        "confusion_epochs",
-        "fit_epochs",
-        "recover_epochs",
-        "epochs_per_step",
-        "meta_epochs",
-        "final_epochs",
-    )
-
-    def _epoch_counts(self, n: int) -> dict[str, int]:
-        """Every loop's epochs for a training set of `n` images. With `budget_size` B > n, each count is scaled
-        by B / n (rounded up): every loop's data (D, the subset, the pool) shrinks with D, so this keeps the
-        number of optimiser steps the counts were chosen with at B images. Recorded in the row."""
-        scale = self.budget_size / n if self.budget_size and n < self.budget_size else 1.0
-        counts = {key: math.ceil(getattr(self, key) * scale - 1e-9) for key in self.EPOCH_KEYS}
-        if scale > 1.0:
-            self.diagnostics["tcore/epoch_scale"] = round(scale, 4)
-        return counts
-
     @staticmethod
     def _phase_rng(ctx: RunContext, phase: int) -> torch.Generator:
         """A fresh generator (and global seed) per phase, so that how many random draws an earlier phase made
@@ -352,13 +327,13 @@ class TCore(Defense):
         torch.manual_seed(ctx.seed * 10 + phase)
         return ctx.generator(salt=4242 + phase)
 
-    def _reference_logits(self, feats: Tensor, y: Tensor, c: int, g: torch.Generator, epochs: int) -> Tensor:
+    def _reference_logits(self, feats: Tensor, y: Tensor, c: int, g: torch.Generator) -> Tensor:
         """Phase 1's reference model: a linear head on the frozen encoder, trained briefly on all of D."""
         f = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
         head = torch.nn.Linear(f.shape[1], c)
         opt = torch.optim.Adam(head.parameters(), lr=1e-2)
         watch = guard.Watch("tcore/reference_head", head, opt)
-        for epoch in range(epochs):
+        for epoch in range(self.ref_epochs):
             watch.begin()
             perm = torch.randperm(len(y), generator=g)
             for s in range(0, len(y), 256):
