@@ -509,6 +509,8 @@ def test_distill_table_puts_before_and_after_side_by_side():
         and len(sweep["defense.clean_fraction"]) >= 2
     )
     assert report["cols"] == ["defense.steps"] and set(sweep["encoder_attack"]) == {"badencoder", "drupe"}
-    # the SSL views are the synthetic encoders' own
+    # the SSL views are the synthetic encoders' own, from the dataset's deltas (tests/test_deltas.py applies them)
     encoder = OmegaConf.load(ROOT / "conf" / "encoder" / "synthetic_simclr_resnet18.yaml")
-    assert sweep["defense.augment"] == [str(OmegaConf.to_container(encoder.augment))]
+    deltas = OmegaConf.load(ROOT / "conf" / "deltas" / "synthetic.yaml")
+    assert "defense.augment" not in sweep
+    assert deltas.defense.distill.augment == encoder.augment
