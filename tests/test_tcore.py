@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
+from conftest import CONF
 from securetl.defenses.tcore.bootstrap import Trainer, bootstrap, meta_scores
 from securetl.defenses.tcore.channels import (
     MaskedBN,
@@ -19,8 +20,6 @@ from securetl.defenses.tcore.sifting import sift
 from securetl.encoders.resnet import cifar_resnet18
 from securetl.interfaces import Defense, LabeledSet
 from securetl.pipeline import run
-
-from conftest import CONF
 
 
 def blobs(n_per_class=60, n_classes=3, dim=8, seed=0):

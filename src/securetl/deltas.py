@@ -41,7 +41,9 @@ def _leaves(cfg: DictConfig, dotted: str, value, mine: set[str]) -> list[tuple[s
                 )
             out += _leaves(cfg, f"{dotted}.{key}", sub, mine)
         return out
-    if any(k.startswith(dotted + ".") for k in mine):  # the user set a key inside a node the delta would replace
+    if any(
+        k.startswith(dotted + ".") for k in mine
+    ):  # the user set a key inside a node the delta would replace
         return []
     return [(dotted, value)]
 
@@ -51,7 +53,9 @@ def apply_deltas(cfg: DictConfig, choices: dict[str, str], overrides: list[str])
     deltas = cfg.get("deltas")
     if not deltas:
         return {}
-    mine = overridden_keys(overrides) - set(choices)  # `data_attack=tact` picks an option: no key of it is the user's
+    mine = overridden_keys(overrides) - set(
+        choices
+    )  # `data_attack=tact` picks an option: no key of it is the user's
     applied: dict[str, object] = {}
     for group, per_option in deltas.items():
         option = choices.get(str(group))
