@@ -5,8 +5,9 @@
 
 Runs DECREE through the pipeline with `defense.action=continue` (the statistic, no verdict) on clean encoders the suite
 pre-trains (`encoder_attack=none`): one per SSL method (--encoders; default the synthetic SimCLR and MoCo v2
-ResNet-18s, the methods decree_synthetic reports: BYOL's encoders do not learn on the CPU budget) and pre-training seed (--seeds; default 100-104, seeds no table uses, so that the clean encoders the
-decree_synthetic table reports, seeds 0-2, are out of sample). No attacked encoder is ever read. The threshold is
+ResNet-18s, the methods decree_synthetic reports: BYOL's encoders do not learn on the CPU budget) and pre-training
+seed (--seeds; default 100-104, seeds no table uses, so that the clean encoders the decree_synthetic table reports,
+seeds 0-2, are out of sample). No attacked encoder is ever read. The threshold is
 
   logmad  exp(median - k x 1.4826 MAD) of log PL1 over the clean encoders (default; k = 2, the MAD rule of the suite's
           other detectors, on the log scale a ratio such as PL1 calls for: the threshold stays positive)

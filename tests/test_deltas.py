@@ -93,15 +93,13 @@ def test_distillation_uses_the_synthetic_encoders_views_on_synthetic_data(compos
     _apply(cfg, [])
     views = OmegaConf.to_container(OmegaConf.select(cfg, f"{node}.augment"))
     assert views == OmegaConf.to_container(cfg.encoder.augment)
-    assert (
-        OmegaConf.select(cfg, f"{node}.loss") == "attention"
-    )  # the node's other keys stay (no node replaced)
+    # the node's other keys stay (no node replaced)
+    assert OmegaConf.select(cfg, f"{node}.loss") == "attention"
     over = [f"defense={defense}", f"{node}.loss=sp"]
     cfg = compose_cfg(over)
     _apply(cfg, over)
-    assert (
-        OmegaConf.select(cfg, f"{node}.loss") == "sp" and OmegaConf.select(cfg, f"{node}.augment") is not None
-    )
+    assert OmegaConf.select(cfg, f"{node}.loss") == "sp"
+    assert OmegaConf.select(cfg, f"{node}.augment") is not None
     over = [f"defense={defense}", f"{node}.augment={{jitter:0.4}}"]  # the user's views win over the delta's
     cfg = compose_cfg(over)
     _apply(cfg, over)

@@ -28,7 +28,7 @@ def overridden_keys(overrides: list[str]) -> set[str]:
 def _leaves(cfg: DictConfig, dotted: str, value, mine: set[str]) -> list[tuple[str, object]]:
     """The (dotted key, value) pairs a delta sets. It descends into a mapping where the config holds a mapping
     too, so that `decree: {distill: {augment: ...}}` changes `augment` and leaves distill's other keys alone,
-    and it leaves out every key the user set (`mine`): the key itself or a node above it."""
+    and it leaves out every key the user set (`mine`): the key itself, a node above it or a key inside it."""
     if any(dotted == k or dotted.startswith(k + ".") for k in mine):
         return []
     node = OmegaConf.select(cfg, dotted, throw_on_missing=False)
@@ -41,11 +41,8 @@ def _leaves(cfg: DictConfig, dotted: str, value, mine: set[str]) -> list[tuple[s
                 )
             out += _leaves(cfg, f"{dotted}.{key}", sub, mine)
         return out
-    if any(
-        k.startswith(dotted + ".") for k in mine
-    ):  # the user set a key inside a node the delta would replace
-        return []
-    return [(dotted, value)]
+    # a key the user set inside a node the delta would replace keeps the whole node theirs
+    return [] if any(k.startswith(dotted + ".") for k in mine) else [(dotted, value)]
 
 
 def apply_deltas(cfg: DictConfig, choices: dict[str, str], overrides: list[str]) -> dict[str, object]:
@@ -53,21 +50,15 @@ def apply_deltas(cfg: DictConfig, choices: dict[str, str], overrides: list[str])
     deltas = cfg.get("deltas")
     if not deltas:
         return {}
-    mine = overridden_keys(overrides) - set(
-        choices
-    )  # `data_attack=tact` picks an option: no key of it is the user's
+    # `data_attack=tact` picks an option: it does not make the group's keys the user's
+    mine = overridden_keys(overrides) - set(choices)
     applied: dict[str, object] = {}
     for group, per_option in deltas.items():
         option = choices.get(str(group))
         if option is None or per_option is None or option not in per_option:
             continue
-        for key, value in per_option[option].items():
-            if key not in cfg[group]:
-                raise ConfigError(
-                    f"conf/deltas: {group}={option} has no key {key!r} (the delta file names a key its method lacks)"
-                )
-            for dotted, leaf in _leaves(cfg, f"{group}.{key}", value, mine):
-                with open_dict(cfg):
-                    OmegaConf.update(cfg, dotted, leaf, merge=False)
-                applied[dotted] = OmegaConf.to_container(leaf) if OmegaConf.is_config(leaf) else leaf
+        for dotted, leaf in _leaves(cfg, str(group), per_option[option], mine):
+            with open_dict(cfg):
+                OmegaConf.update(cfg, dotted, leaf, merge=False)
+            applied[dotted] = OmegaConf.to_container(leaf) if OmegaConf.is_config(leaf) else leaf
     return applied
