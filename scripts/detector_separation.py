@@ -26,8 +26,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from hydra import compose, initialize_config_dir
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -68,44 +66,13 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    import securetl.run  # noqa: F401  registers the config resolvers
-    from securetl.build import build
-    from securetl.cache import Cache
-    from securetl.encoders.obtain import obtain
-    from securetl.interfaces import RunContext
-    from securetl.numerics import Numerics
+    from securetl.plots import compose, prepare
     from securetl.probe import memo_forward
-    from securetl.validate import resolve_device
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("run", overrides=args.overrides)
-    device = resolve_device(cfg.device)
-    numerics = Numerics.resolve(device, str(cfg.precision), bool(cfg.deterministic), int(cfg.threads))
-    numerics.apply_global()
-    torch.manual_seed(int(cfg.seed))
-    splits = build(cfg.dataset)
-    ctx = RunContext(
-        device=device,
-        seed=int(cfg.seed),
-        num_classes=splits.num_classes,
-        cache=Cache(cfg.paths.cache_dir, enabled=bool(cfg.cache)),
-        progress=bool(cfg.progress),
-        numerics=numerics,
-    )
-    data_attack, encoder_attack, probe = build(cfg.data_attack), build(cfg.encoder_attack), build(cfg.probe)
-    encoder, _ = obtain(
-        build(cfg.encoder),
-        splits.pretrain,
-        encoder_attack,
-        cfg.encoder_attack,
-        ctx,
-        reference=splits.reference,
-        background=splits.background,
-    )
-    poisoned = data_attack.poison(splits.train, ctx.generator(salt=1))
+    cell = prepare(compose(args.overrides))
+    cfg, ctx, encoder, poisoned, probe = cell.cfg, cell.ctx, cell.encoder, cell.poisoned, cell.probe
     if len(poisoned.poison_idx) == 0:
         raise SystemExit("this run poisons nothing in the training set: nothing to separate")
-    torch.manual_seed(int(cfg.seed))
     model = probe.fit(encoder, poisoned.train, ctx)
     y = poisoned.train.y.numpy()
     is_poison = np.zeros(len(y), dtype=bool)

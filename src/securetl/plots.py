@@ -158,10 +158,25 @@ def compose(overrides: Sequence[str], config_dirs: Sequence[Path] = ()) -> DictC
     return cfg
 
 
-def replay(cfg: DictConfig, during_defense=None) -> Replay:
-    """pipeline.run's steps up to the trained downstream model (same seeds, salts and order), without writing
-    a row: data, encoder (cached), poisoning, defense. `during_defense(poisoned, ctx)`: a context manager the
-    defense runs inside (the curves' recorder)."""
+@dataclass
+class Prepared:
+    """A cell's steps before its defense (what `pipeline.run` does up to there, with the same seeds, salts and
+    order): its data, the received encoder, the poisoned training set and what the defense will be given."""
+
+    cfg: DictConfig
+    run_id: str
+    splits: Any
+    encoder: torch.nn.Module
+    poisoned: Any  # Poisoned: the poisoned train set and its poison_idx (ground truth, for analyses only)
+    ctx: Any
+    data_attack: Any
+    defense: Any
+    probe: Any
+    clean: Any  # the defense's share of the clean reserve (None unless it declares one)
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Data, encoder (cached), poisoning, as `pipeline.run` does them, without writing a row."""
     from securetl import pipeline, results
     from securetl.build import build
     from securetl.cache import Cache
@@ -206,10 +221,19 @@ def replay(cfg: DictConfig, during_defense=None) -> Replay:
     )
     poisoned = data_attack.poison(splits.train, ctx.generator(salt=1))
     pipeline.set_seed(int(cfg.seed))
-    with during_defense(poisoned, ctx) if during_defense is not None else nullcontext():
-        model = defense.train(encoder, poisoned.train, probe, replace(ctx, clean=clean, diagnostics={}))
-    target = data_attack.target if data_attack.trigger is not None else None
-    return Replay(cfg, rid, splits, encoder, poisoned, model, ctx, target)
+    return Prepared(cfg, rid, splits, encoder, poisoned, ctx, data_attack, defense, probe, clean)
+
+
+def replay(cfg: DictConfig, during_defense=None) -> Replay:
+    """pipeline.run's steps up to the trained downstream model, without writing a row: `prepare`, then the
+    defense. `during_defense(poisoned, ctx)`: a context manager the defense runs inside (the curves' recorder)."""
+    p = prepare(cfg)
+    with during_defense(p.poisoned, p.ctx) if during_defense is not None else nullcontext():
+        model = p.defense.train(
+            p.encoder, p.poisoned.train, p.probe, replace(p.ctx, clean=p.clean, diagnostics={})
+        )
+    target = p.data_attack.target if p.data_attack.trigger is not None else None
+    return Replay(cfg, p.run_id, p.splits, p.encoder, p.poisoned, model, p.ctx, target)
 
 
 # --------------------------------------------------------------------------- per-epoch curves
