@@ -15,8 +15,8 @@ from securetl.defenses.tcore.channels import (
     unmask,
     untrusted_from_masks,
 )
-from securetl.defenses.tcore.confusion import confusion_losses
-from securetl.defenses.tcore.sifting import sift
+from securetl.defenses.tcore.confusion import confusion_losses, expand_seed
+from securetl.defenses.tcore.sifting import label_agreement, sift
 from securetl.encoders.resnet import cifar_resnet18
 from securetl.interfaces import Defense, LabeledSet
 from securetl.pipeline import run
@@ -118,6 +118,24 @@ def test_confusion_training_ranks_shortcut_samples_lowest_loss():
     lowest = set(torch.argsort(loss)[:40].tolist())
     assert len(lowest & set(poison.tolist())) >= 30  # poisons keep a low loss; clean samples are confused
     assert loss[poison].mean() < loss[clean].mean()
+
+
+def test_expansion_gate_keeps_unfitted_dirty_label_poisons_out_of_the_subset():
+    # dirty-label poisons with class-1 content labelled 0 and no trigger the features carry: confusion
+    # training cannot fit them as a shortcut, so their loss ranks them with the clean samples (on Adap-Blend
+    # they sit mid-ranking in the target class); their neighbours, though, carry label 1
+    x, y, g = blobs(n_per_class=80, dim=8)
+    planted = torch.arange(0, 8)
+    x[planted] = x[y == 1].mean(0) + 0.3 * torch.randn(8, x.shape[1], generator=g)
+    seed = torch.tensor([20, 21, 22, 100, 101, 102, 180, 181, 182])
+    kw = dict(lam=20.0, epochs=10, batch_size=64, hidden=32)
+    gated = torch.nonzero(label_agreement([x], y, k=10) < 0.2).squeeze(1)
+    assert set(planted.tolist()) <= set(gated.tolist())
+    assert len(gated) < 20  # the clean samples agree with their labels
+    guarded = expand_seed(x, y, seed, 3, torch.Generator().manual_seed(1), (0.6,), exclude=gated, **kw)
+    assert not set(planted.tolist()) & set(guarded.subset_idx.tolist())
+    # every class still gets its quota (60 % of the median class), from agreeing samples
+    assert (torch.bincount(y[guarded.subset_idx], minlength=3) >= round(0.6 * 80)).all()
 
 
 def _tail(width=4, classes=3):

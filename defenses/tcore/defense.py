@@ -10,7 +10,7 @@ encoder channels clean data needs — and grow a model from it. Four phases (../
   4 bootstrapping  re-initialise psi, freeze chi, train (phi, psi) on a pool grown from D_sub to rho |D|
 
 The trainable part of the encoder is its top `trainable_stages` stages (the transfer-learning budget: "the
-head, or a part of the encoder"; the config default is one stage more than probe=finetune trains, since an
+head, or a part of the encoder"; the config default is two stages more than probe=finetune trains, since an
 encoder implant also lives below that); everything below is frozen and its activations are computed once.
 The defense sees the encoder and the labelled training set only: never `poison_idx`.
 """
@@ -32,7 +32,7 @@ from securetl.numerics import take
 from .bootstrap import Trainer, bootstrap
 from .channels import Tail, recover_masks, reinit_untrusted, unlearn, unmask, untrusted_from_masks
 from .confusion import expand_seed
-from .sifting import sift
+from .sifting import label_agreement, sift
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class TCore(Defense):
         channel_filter: bool = True,
         bootstrap: bool = True,
         train_encoder: bool = True,
-        trainable_stages: int = 3,
+        trainable_stages: int = 4,
         # phase 1: topological invariance sifting
         tis_layers: tuple[int, ...] = (-3, -2, -1),
         tis_logits: bool = True,
@@ -99,6 +99,7 @@ class TCore(Defense):
         agreement: float = 0.5,
         expansion_skips_dense: bool = True,
         # phase 2: seed expansion
+        expansion_agreement: float = 0.5,
         lam: float = 20.0,
         expansion_fractions: tuple[float, ...] = (0.1, 0.2, 0.3),
         confusion_epochs: int = 10,
@@ -143,8 +144,9 @@ class TCore(Defense):
         ):
             if not 0.0 < v <= 1.0:
                 raise ValueError(f"defense.{name}={v} must lie in (0, 1]")
-        if not 0.0 <= agreement <= 1.0:
-            raise ValueError(f"defense.agreement={agreement} must lie in [0, 1]")
+        for name, v in (("agreement", agreement), ("expansion_agreement", expansion_agreement)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"defense.{name}={v} must lie in [0, 1]")
         if not 0.0 <= density_ceiling < 1.0:
             raise ValueError(f"defense.density_ceiling={density_ceiling} must lie in [0, 1)")
         if meta_score not in ("reduction", "rank_sum"):
@@ -184,20 +186,9 @@ class TCore(Defense):
 
         # ---- phase 1: seed
         t0 = time.perf_counter()
+        ref_logits = self._reference_logits(feats, y, c, g) if (self.tis and self.tis_logits) else None
         if self.tis:
-            tis_feats = [layers[i] for i in self.tis_layers]
-            if self.tis_logits:
-                tis_feats.append(self._reference_logits(feats, y, c, g))
-            res = sift(
-                tis_feats,
-                y,
-                self.alpha,
-                self.k,
-                self.eps_quantile,
-                self.min_samples,
-                density_ceiling=self.density_ceiling,
-                agreement=self.agreement,
-            )
+            res = self.sift(layers, ref_logits, y)
             seed = res.seed_idx
             dense = self._collapsed(res.dense_idx, y) if self.expansion_skips_dense else None
             self.decisions["tis_majority_idx"] = res.majority_idx
@@ -210,6 +201,15 @@ class TCore(Defense):
         t0 = time.perf_counter()
         subset = seed
         if self.expansion:
+            # a sample whose neighbours carry another label does not join: confusion training cannot fit a
+            # trigger the frozen features barely carry, and such a poison then ranks among the clean samples
+            if self.expansion_agreement > 0:
+                if ref_logits is None:
+                    ref_logits = self._reference_logits(feats, y, c, g)
+                agree = label_agreement([feats, ref_logits], y, self.k)
+                gated = torch.nonzero(agree < self.expansion_agreement).squeeze(1)
+                self.diagnostics["tcore/expansion_gated"] = len(gated)
+                dense = gated if dense is None else torch.unique(torch.cat([dense, gated]))
             # the confusion model must be able to fit a backdoor shortcut: besides pooled features it reads a
             # coarse spatial grid of the activations entering stage `confusion_grid_stage`, where a local trigger shows
             grid = grid_acts if grid_acts is not None else acts  # no spatial map: the pooled features
@@ -318,6 +318,20 @@ class TCore(Defense):
         return Model(final, tail.head).eval()
 
     # ------------------------------------------------------------------ helpers
+    def sift(self, layers: list[Tensor], ref_logits: Tensor | None, y: Tensor):
+        """Phase 1 (TIS) over the configured stages' pooled outputs and, when given, the reference logits."""
+        views = [layers[i] for i in self.tis_layers] + ([ref_logits] if ref_logits is not None else [])
+        return sift(
+            views,
+            y,
+            self.alpha,
+            self.k,
+            self.eps_quantile,
+            self.min_samples,
+            density_ceiling=self.density_ceiling,
+            agreement=self.agreement,
+        )
+
     @staticmethod
     def _phase_rng(ctx: RunContext, phase: int) -> torch.Generator:
         """A fresh generator (and global seed) per phase, so that how many random draws an earlier phase made

@@ -103,14 +103,19 @@ def consistency_scores(layers: list[np.ndarray], k: int) -> np.ndarray:
     return common.sum(1).astype(float)
 
 
-def label_agreement(feats: list[np.ndarray], y: np.ndarray, k: int) -> np.ndarray:
-    """Per sample: the smallest, over layers, share of its k nearest neighbours in the WHOLE dataset (any
-    class) that carry its label."""
+def _agreement(feats: list[np.ndarray], y: np.ndarray, k: int) -> np.ndarray:
     agree = np.ones(len(y))
     for f in feats:
         _, neigh = neighbours(f, k)
         agree = np.minimum(agree, (y[neigh] == y[:, None]).mean(1))
     return agree
+
+
+def label_agreement(layers: list[Tensor], labels: Tensor, k: int) -> Tensor:
+    """Per sample: the smallest, over layers, share of its k nearest neighbours in the WHOLE dataset (any
+    class) that carry its label (representations compared by cosine, as TIS compares them)."""
+    feats = [_normalise(f.float().numpy()) for f in layers]
+    return torch.from_numpy(_agreement(feats, labels.numpy(), k))
 
 
 def sift(
@@ -132,7 +137,7 @@ def sift(
     seed: list[np.ndarray] = []
     passed: list[np.ndarray] = []
     candidate = not_abnormally_dense(feats, y, k, density_ceiling)
-    agrees = label_agreement(feats, y, k) >= agreement if agreement > 0 else np.ones(len(y), dtype=bool)
+    agrees = _agreement(feats, y, k) >= agreement if agreement > 0 else np.ones(len(y), dtype=bool)
     for c in np.unique(y):
         members = np.nonzero(y == c)[0]
         idx = members[candidate[members]]
