@@ -22,16 +22,11 @@ this is an analysis, never part of a defense.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the defenses/ package lives at the repository root
 
 
 def separation(f: np.ndarray, is_poison: np.ndarray, seed: int) -> dict[str, float]:

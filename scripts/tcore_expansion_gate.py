@@ -30,7 +30,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from securetl.defenses.tcore.confusion import expand_seed
-    from securetl.defenses.tcore.defense import stage_representations
     from securetl.defenses.tcore.sifting import label_agreement
     from securetl.plots import compose, prepare
 
@@ -41,12 +40,7 @@ def main() -> None:
     g = ctx.generator(salt=4242)
     torch.manual_seed(ctx.seed)
     y, c = poisoned.train.y, ctx.num_classes
-    n_stages = len(encoder.stages)
-    start = n_stages - min(tc.trainable_stages, n_stages - 1)
-    grid_at = start if tc.confusion_grid_stage is None else tc.confusion_grid_stage % n_stages
-    layers, _, grid = stage_representations(
-        encoder, poisoned.train.x, ctx, start, grid_at=grid_at, grid=tc.confusion_grid
-    )
+    _, (layers, _, grid) = tc.represent(encoder, poisoned.train.x, ctx)
     logits = tc._reference_logits(layers[-1], y, c, g)
     res = tc.sift(layers, logits, y)
     dense = tc._collapsed(res.dense_idx, y)

@@ -173,14 +173,8 @@ class TCore(Defense):
         num = ctx.num
         t: dict[str, float] = {}
         y, c = train.y, ctx.num_classes
-        n_stages = len(encoder.stages)
-        k = min(self.trainable_stages, n_stages - 1)
-        start = n_stages - k if (self.train_encoder and k > 0) else n_stages
         t0 = time.perf_counter()
-        grid_at = start if self.confusion_grid_stage is None else self.confusion_grid_stage % n_stages
-        layers, acts, grid_acts = stage_representations(
-            encoder, train.x, ctx, start, grid_at=grid_at, grid=self.confusion_grid
-        )
+        start, (layers, acts, grid_acts) = self.represent(encoder, train.x, ctx)
         feats = layers[-1]
         t["represent"] = time.perf_counter() - t0
 
@@ -190,10 +184,10 @@ class TCore(Defense):
         if self.tis:
             res = self.sift(layers, ref_logits, y)
             seed = res.seed_idx
-            dense = self._collapsed(res.dense_idx, y) if self.expansion_skips_dense else None
+            exclude = self._collapsed(res.dense_idx, y) if self.expansion_skips_dense else None
             self.decisions["tis_majority_idx"] = res.majority_idx
         else:
-            seed, dense = self._random_per_class(y, self.alpha, g), None
+            seed, exclude = self._random_per_class(y, self.alpha, g), None
         self.decisions["seed_idx"] = seed
         t["tis"] = time.perf_counter() - t0
 
@@ -209,7 +203,7 @@ class TCore(Defense):
                 agree = label_agreement([feats, ref_logits], y, self.k)
                 gated = torch.nonzero(agree < self.expansion_agreement).squeeze(1)
                 self.diagnostics["tcore/expansion_gated"] = len(gated)
-                dense = gated if dense is None else torch.unique(torch.cat([dense, gated]))
+                exclude = gated if exclude is None else torch.unique(torch.cat([exclude, gated]))
             # the confusion model must be able to fit a backdoor shortcut: besides pooled features it reads a
             # coarse spatial grid of the activations entering stage `confusion_grid_stage`, where a local trigger shows
             grid = grid_acts if grid_acts is not None else acts  # no spatial map: the pooled features
@@ -221,7 +215,7 @@ class TCore(Defense):
                 c,
                 g,
                 tuple(self.expansion_fractions),
-                exclude=dense,
+                exclude=exclude,
                 lam=self.lam,
                 epochs=self.confusion_epochs,
                 batch_size=256,
@@ -318,6 +312,15 @@ class TCore(Defense):
         return Model(final, tail.head).eval()
 
     # ------------------------------------------------------------------ helpers
+    def represent(self, encoder, x: Tensor, ctx: RunContext):
+        """The first trainable stage (len(stages) when none is trainable) and `stage_representations` for it,
+        with the grid the confusion model reads."""
+        n_stages = len(encoder.stages)
+        k = min(self.trainable_stages, n_stages - 1)
+        start = n_stages - k if (self.train_encoder and k > 0) else n_stages
+        grid_at = start if self.confusion_grid_stage is None else self.confusion_grid_stage % n_stages
+        return start, stage_representations(encoder, x, ctx, start, grid_at=grid_at, grid=self.confusion_grid)
+
     def sift(self, layers: list[Tensor], ref_logits: Tensor | None, y: Tensor):
         """Phase 1 (TIS) over the configured stages' pooled outputs and, when given, the reference logits."""
         views = [layers[i] for i in self.tis_layers] + ([ref_logits] if ref_logits is not None else [])
