@@ -5,6 +5,7 @@ where lower means "more likely clean". One implementation for DBD, ASD and T-Cor
 `global_split`       the lowest `ratio` of all samples, whatever their class (SCLBD/DBD data/utils.get_semi_idx,
                      KuofengGao/ASD ASD.class_agnostic_loss_guided_split)
 `class_aware_split`  the k_c lowest of every class c (ASD.class_aware_loss_guided_split; T-Core's balanced quota)
+`capped_split`       the k lowest of all samples, no class beyond its cap (T-Core's top-up step)
 `meta_scores`        the loss reduction after a virtual training step, lowest first (ASD.meta_split; T-Core's
                      meta-guided expansion), or T-Core's rank sum
 `meta_split`         the lowest `ratio` of the meta score
@@ -44,6 +45,20 @@ def class_aware_split(score: Tensor, y: Tensor, per_class: int | Tensor) -> Tens
         in_c = torch.nonzero(y == c).squeeze(1)
         chosen.append(in_c[lowest(score[in_c], int(counts[c]))])
     return torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)
+
+
+def capped_split(score: Tensor, y: Tensor, caps: Tensor, k: int) -> Tensor:
+    """Positions of the k lowest scores whatever their class, except that class c gives at most caps[c]
+    (a class already at its cap gives nothing), lowest first."""
+    order = torch.argsort(score, stable=True)
+    cls = y[order]
+    # rank of each sample inside its class, in score order: 0 for its class's lowest
+    rank = torch.zeros(len(order), dtype=torch.long)
+    for c in torch.unique(cls):
+        at = torch.nonzero(cls == c).squeeze(1)
+        rank[at] = torch.arange(len(at))
+    caps = torch.as_tensor(caps, dtype=torch.long)
+    return order[rank < caps[cls]][: max(0, int(k))]
 
 
 def _ranks(x: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CONF
+from securetl.defenses._splits import capped_split
 from securetl.defenses.tcore.bootstrap import Trainer, bootstrap, meta_scores
 from securetl.defenses.tcore.channels import (
     MaskedBN,
@@ -244,6 +245,52 @@ def test_balanced_quota_reaches_rho_n_on_balanced_data_and_caps_an_inflated_clas
     assert set(start.tolist()) <= set(res.pool_idx.tolist())
     glob = bootstrap(_tail()[1], acts, y, start, Trainer(None, 1e-3, 32), g, quota="global", **kw)
     assert len(glob.pool_idx) == round(0.8 * len(y))  # global: rho |D|, the inflated class may take more
+
+
+def test_capped_split_takes_the_lowest_scores_but_no_class_beyond_its_cap():
+    score = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 5.0, 6.0])
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2])
+    picked = capped_split(score, y, torch.tensor([2, 3, 1]), 5)
+    assert picked.tolist() == [0, 1, 4, 5, 6]  # class 0 stops at 2 although its next scores are lower
+    assert capped_split(score, y, torch.tensor([0, 0, 5]), 3).tolist() == [7]  # only what the caps allow
+
+
+def test_topup_quota_leaves_out_a_clean_label_cluster_that_a_balanced_quota_must_take():
+    """SIG's shape: 20 % of one class are poisons that a clean model finds hard (the overlay hides their content)
+    and whose loss falls fastest under training on all of D. A balanced quota at rho = 0.9 must take half of
+    them; the top-up step ranks globally and can leave them out."""
+    g = torch.Generator().manual_seed(0)
+    per, c = 40, 3
+    y = torch.arange(c).repeat_interleave(per)
+    poison = torch.nonzero(y == 0).squeeze(1)[-8:]  # 20 % of class 0
+    means = torch.randn(c, 16, generator=g) * 3
+    acts = (means[y] + 0.5 * torch.randn(len(y), 16, generator=g)).view(-1, 16, 1, 1).repeat(1, 1, 2, 2)
+    acts[poison] = acts[poison] - means[0].view(1, 16, 1, 1) + means[1].view(1, 16, 1, 1)  # hidden content
+    acts[poison, :, 0, 0] += 4.0  # a trigger the short training on all of D fits first
+    y_given = y.clone()
+    start = torch.cat([torch.nonzero(y == k).squeeze(1)[:6] for k in range(c)])
+    kw = dict(loss_guided_steps=1, meta_guided_steps=2, epochs_per_step=2, meta_epochs=2, final_epochs=1)
+    res = {}
+    for quota in ("balanced", "topup"):
+        torch.manual_seed(0)
+        _, tail = _tail()
+        res[quota] = bootstrap(
+            tail,
+            acts,
+            y_given,
+            start,
+            Trainer(None, 1e-2, 16),
+            g,
+            rho=0.9,
+            quota=quota,
+            class_rho=0.8,
+            meta_score="rank_sum",
+            **kw,
+        )
+    took = {q: int(torch.isin(r.pool_idx, poison).sum()) for q, r in res.items()}
+    assert took["balanced"] >= 4  # 0.9 * 40 = 36 of class 0's 40 samples: at least 4 of its 8 poisons
+    assert len(res["topup"].pool_idx) == round(0.9 * per * c)
+    assert took["topup"] < took["balanced"]
 
 
 class Spy(Defense):

@@ -29,7 +29,7 @@ from securetl import guard
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
 from securetl.numerics import take
 
-from .bootstrap import Trainer, bootstrap
+from .bootstrap import QUOTAS, Trainer, bootstrap
 from .channels import Tail, recover_masks, reinit_untrusted, unlearn, unmask, untrusted_from_masks
 from .confusion import expand_seed
 from .sifting import label_agreement, sift
@@ -118,8 +118,9 @@ class TCore(Defense):
         trusted_from: str = "pretrained",
         chi_lr_scale: float = 1.0,
         # phase 4: bootstrapping
-        rho: float = 0.8,
-        pool_quota: str = "balanced",
+        rho: float = 0.9,
+        pool_quota: str = "topup",
+        class_rho: float = 0.8,
         loss_guided_steps: int = 2,
         meta_guided_steps: int = 2,
         epochs_per_step: int = 5,
@@ -138,6 +139,7 @@ class TCore(Defense):
         for name, v in (
             ("alpha", alpha),
             ("rho", rho),
+            ("class_rho", class_rho),
             ("sigma", sigma),
             ("unlearn_threshold", unlearn_threshold),
             ("max_untrusted", max_untrusted),
@@ -151,8 +153,8 @@ class TCore(Defense):
             raise ValueError(f"defense.density_ceiling={density_ceiling} must lie in [0, 1)")
         if meta_score not in ("reduction", "rank_sum"):
             raise ValueError(f"defense.meta_score={meta_score!r}; choose reduction or rank_sum")
-        if pool_quota not in ("global", "balanced"):
-            raise ValueError(f"defense.pool_quota={pool_quota!r}; choose global or balanced")
+        if pool_quota not in QUOTAS:
+            raise ValueError(f"defense.pool_quota={pool_quota!r}; choose one of {', '.join(QUOTAS)}")
         if trusted_from not in ("fitted", "pretrained"):
             raise ValueError(f"defense.trusted_from={trusted_from!r}; choose fitted or pretrained")
         if any(not 0.0 < f <= 1.0 for f in expansion_fractions):
@@ -293,6 +295,7 @@ class TCore(Defense):
                 self.pool_quota,
                 self.final_cosine,
                 self.meta_score,
+                self.class_rho,
             )
             pool = res.pool_idx
             for i, step in enumerate(res.steps):
