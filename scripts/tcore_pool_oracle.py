@@ -39,8 +39,6 @@ def main() -> None:
     from securetl import metrics, pipeline
     from securetl.build import build
     from securetl.defenses.tcore.bootstrap import bootstrap
-    from securetl.defenses.tcore.channels import unmask
-    from securetl.interfaces import Model
     from securetl.numerics import take
     from securetl.plots import compose, prepare
     from securetl.probe import predict
@@ -51,13 +49,10 @@ def main() -> None:
     y, test, c = poisoned.train.y, cell.splits.test, ctx.num_classes
     is_poison = torch.zeros(len(y), dtype=torch.bool)
     is_poison[poisoned.poison_idx] = True
-    start_of = tc.represent(encoder, poisoned.train.x[:1], ctx)[0]
+    start = tc.trainable_start(encoder)
 
     def report(tail, way: str, pool: torch.Tensor, t0: float) -> None:
-        final = copy.deepcopy(encoder)
-        for i, stage in enumerate(tail.stages):
-            final.stages[start_of + i] = unmask(copy.deepcopy(stage))
-        model = Model(final, copy.deepcopy(tail.head)).eval()
+        model = tc.assemble(encoder, start, copy.deepcopy(tail))
         out = metrics.evaluate(model, test, triggers, ctx)
         pred = predict(model, test.x, ctx)
         per_class = [round(100 * float((pred[test.y == k] == k).float().mean()), 1) for k in range(c)]

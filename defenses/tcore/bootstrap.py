@@ -46,6 +46,8 @@ from securetl.probe import per_sample_loss as _per_sample_loss
 from .._splits import capped_split, class_aware_split, lowest, meta_scores
 from .channels import MaskedBN, Tail
 
+QUOTAS = ("global", "balanced", "topup")  # pool_quota's choices (module docstring)
+
 
 @dataclass
 class BootstrapResult:
@@ -283,7 +285,5 @@ def bootstrap(
     trainer.train(tail, take(acts, pool), y[pool], final_epochs, g, train_stages, cosine=final_cosine)
     return BootstrapResult(torch.nonzero(pool).squeeze(1), steps)
 
-
-QUOTAS = ("global", "balanced", "topup")
 
 __all__ = ["BootstrapResult", "Trainer", "bootstrap", "meta_scores", "per_sample_loss", "MaskedBN"]

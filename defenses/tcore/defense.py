@@ -309,20 +309,29 @@ class TCore(Defense):
         t["bootstrap"] = time.perf_counter() - t0
         self.diagnostics.update({f"time/tcore_{k_}": round(v, 3) for k_, v in t.items()})
 
+        return self.assemble(encoder, start, tail)
+
+    # ------------------------------------------------------------------ helpers
+    def trainable_start(self, encoder) -> int:
+        """The first trainable stage (len(stages) when none is trainable)."""
+        n_stages = len(encoder.stages)
+        k = min(self.trainable_stages, n_stages - 1)
+        return n_stages - k if (self.train_encoder and k > 0) else n_stages
+
+    def represent(self, encoder, x: Tensor, ctx: RunContext):
+        """`trainable_start` and `stage_representations` for it, with the grid the confusion model reads."""
+        start, n_stages = self.trainable_start(encoder), len(encoder.stages)
+        grid_at = start if self.confusion_grid_stage is None else self.confusion_grid_stage % n_stages
+        return start, stage_representations(encoder, x, ctx, start, grid_at=grid_at, grid=self.confusion_grid)
+
+    @staticmethod
+    def assemble(encoder, start: int, tail: Tail) -> Model:
+        """The downstream model: the encoder with its stages from `start` replaced by the tail's (masks folded
+        into plain BatchNorm), and the tail's head."""
         final = copy.deepcopy(encoder)
         for i, stage in enumerate(tail.stages):
             final.stages[start + i] = unmask(stage)
         return Model(final, tail.head).eval()
-
-    # ------------------------------------------------------------------ helpers
-    def represent(self, encoder, x: Tensor, ctx: RunContext):
-        """The first trainable stage (len(stages) when none is trainable) and `stage_representations` for it,
-        with the grid the confusion model reads."""
-        n_stages = len(encoder.stages)
-        k = min(self.trainable_stages, n_stages - 1)
-        start = n_stages - k if (self.train_encoder and k > 0) else n_stages
-        grid_at = start if self.confusion_grid_stage is None else self.confusion_grid_stage % n_stages
-        return start, stage_representations(encoder, x, ctx, start, grid_at=grid_at, grid=self.confusion_grid)
 
     def sift(self, layers: list[Tensor], ref_logits: Tensor | None, y: Tensor):
         """Phase 1 (TIS) over the configured stages' pooled outputs and, when given, the reference logits."""
