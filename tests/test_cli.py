@@ -128,6 +128,34 @@ def test_a_table_prefers_its_own_rows_to_rows_run_with_settings_it_does_not_desc
     assert only_plain.attrs["extra"] == []
 
 
+def test_an_override_that_restates_a_default_is_the_default_cell():
+    """A sweep over encoder seeds writes its seed-0 cell with `encoder.seed=0`, which is the default run (same
+    run_id): it must count as the plain row, so that another encoder seed or another encoder (one setting
+    each) does not join it in a table that sets neither."""
+    from securetl.tables import build_table, extra_overrides, flatten, run_defaults
+
+    defaults = run_defaults()
+    keys = {"encoder_attack", "data_attack", "defense", "probe", "seed", "dataset"}
+    restated = ["encoder.seed=0", "encoder=synthetic_simclr_resnet18", "threads=2", "defense=none"]
+    assert extra_overrides({"overrides": restated}, keys, defaults) == []
+    changed = ["encoder.seed=1", "encoder=synthetic_mocov2_resnet18", "threads=1", "+foo=0"]
+    assert extra_overrides({"overrides": changed}, keys, defaults) == sorted(changed)
+    assert extra_overrides({"overrides": ["encoder.seed=0"]}, keys) == ["encoder.seed=0"]  # no defaults given
+
+    def row(acc, extra):
+        ch = {"dataset": "synthetic", "encoder_attack": "none", "probe": "linear"}
+        return {"choices": ch, "seed": 0, "metrics": {"acc": acc}, "overrides": ["probe=linear", *extra]}
+
+    rows = [
+        row(0.8, ["encoder.seed=0"]),
+        row(0.6, ["encoder.seed=1"]),
+        row(0.5, ["encoder=synthetic_mocov2_resnet18"]),
+    ]
+    report = {"rows": ["encoder_attack"], "cols": [], "metrics": ["acc"]}
+    _, _, long = build_table(flatten(rows, described=keys, defaults=defaults), report, {"seed": ["0"]})
+    assert long[("acc", "count")].tolist() == [1] and long[("acc", "mean")].tolist() == [0.8]
+
+
 def test_a_table_groups_by_a_swept_config_value():
     """A budget sweep (`data_attack.poison_rate=0.003,0.03`) becomes one row per swept value, read from each
     row's resolved config; the sweep's values select the rows, so a rate nobody swept stays out."""

@@ -51,7 +51,7 @@ def acc_asr_points(name: str, results_dir: Path | None = None, conf_dir: Any = C
     keys = [*report.get("rows", []), *report.get("cols", [])]
     described = {*keys, *report.get("where", {}), *sweep}
     config_keys = [k for k in described if "." in k and "@" not in k]
-    flat = tables.flatten(rows, config_keys, described=described)
+    flat = tables.flatten(rows, config_keys, described=described, defaults=tables.run_defaults(conf_dir))
     layout = {"rows": keys, "cols": [], "metrics": ["acc", "asr"], "where": report.get("where", {})}
     _, _, long = tables.build_table(flat, layout, sweep)
     if long.empty or "asr" not in long.columns.get_level_values(0):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import itertools
 import logging
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from omegaconf import OmegaConf
 
 from securetl.results import LATE_GROUPS, read_failures, read_rows
@@ -119,20 +121,75 @@ NEUTRAL_OVERRIDES = {"table", "progress", "resume", "cache", "logger", "device",
 NEUTRAL_OVERRIDES |= {"note", "tags", "objective"}  # metadata (results.METADATA_KEYS)
 
 
-def extra_overrides(row: dict, keys: set[str]) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    """What `securetl` runs with no override: the unresolved config and the group choices. An override that
+    restates one of them (`encoder.seed=0`, `encoder=synthetic_simclr_resnet18`) runs the default cell."""
+
+    config: dict
+    choices: dict
+
+    def restates(self, key: str, value: str) -> bool:
+        if key in self.choices:
+            return str(self.choices[key]) == value
+        default = config_value(self.config, key)
+        if default is None or isinstance(default, dict | list):
+            return False
+        try:
+            given = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return False
+        return type(given) is type(default) and given == default or str(default) == value
+
+
+def run_defaults(conf_dir: ConfDirs = CONF_DIR) -> Defaults | None:
+    """The default run config of the suite (a user's config dirs first, as `securetl -cd` searches them);
+    None, with a warning, where it does not compose (a table still renders, judging overrides by name)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    user = [d for d in conf_dirs(conf_dir) if d.resolve() != CONF_DIR]
+    searchpath = [f"hydra.searchpath=[{','.join(f'file://{d.resolve()}' for d in user)}]"] if user else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("run", overrides=searchpath, return_hydra_config=True)
+    except Exception as e:  # noqa: BLE001  any composition error: the table is still worth rendering
+        log.warning(
+            "securetl-table: the default run config does not compose (%s); an override that "
+            "restates a default counts as a setting of its own",
+            str(e).splitlines()[0],
+        )
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    config = OmegaConf.to_container(cfg, resolve=False)
+    choices = config.pop("hydra")["runtime"]["choices"]
+    return Defaults(config, choices)
+
+
+def extra_overrides(row: dict, keys: set[str], defaults: Defaults | None = None) -> list[str]:
     """The overrides a row was run with that the table neither sweeps, fixes nor groups by and that change
-    what a run computes (another encoder, a changed trigger, another encoder seed, ...)."""
+    what a run computes (another encoder, a changed trigger, another encoder seed, ...); with `defaults`,
+    an override that restates a default (`encoder.seed=0`, written by a sweep over encoder seeds whose
+    seed-0 cell is the default run) changes nothing."""
     out = []
     for override in row.get("overrides") or []:
-        key = override.split("=", 1)[0].lstrip("+~")
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
         neutral = key in NEUTRAL_OVERRIDES or key.split(".", 1)[0] in NEUTRAL_OVERRIDES  # logger.note=...
+        if defaults is not None and not override.startswith(("+", "~")) and defaults.restates(key, value):
+            neutral = True
         if key not in keys and not neutral and not key.startswith("hydra."):
             out.append(override)
     return sorted(out)
 
 
 def flatten(
-    rows: list[dict], config_keys: list[str] | tuple[str, ...] = (), described: set[str] | None = None
+    rows: list[dict],
+    config_keys: list[str] | tuple[str, ...] = (),
+    described: set[str] | None = None,
+    defaults: Defaults | None = None,
 ) -> pd.DataFrame:
     """One record per row: its choices, seed, metrics, diagnostics and timings, plus the resolved config
     values `config_keys` names (dotted paths such as `data_attack.poison_rate`, so that a table can group
@@ -144,7 +201,7 @@ def flatten(
         rec = dict.fromkeys(LATE_GROUPS, "None") | r["choices"]
         rec["seed"] = r["seed"]
         if described is not None:
-            rec["_extra"] = tuple(extra_overrides(r, described))
+            rec["_extra"] = tuple(extra_overrides(r, described, defaults))
         rec["_numerics"] = numerics_label(r)
         for k in config_keys:
             v = config_value(r.get("config") or {}, k)
@@ -350,7 +407,8 @@ def render(
     keys = [*report.get("rows", []), *report.get("cols", []), *report.get("where", {}), *sweep]
     # dotted config keys, not group overrides such as `trigger@eval.reference_trigger`
     config_keys = [k for k in keys if "." in k and "@" not in k]
-    disp, missing, long = build_table(flatten(rows, config_keys, described=set(keys)), report, sweep)
+    flat = flatten(rows, config_keys, described=set(keys), defaults=run_defaults(conf_dir))
+    disp, missing, long = build_table(flat, report, sweep)
     out_dir = Path(out_dir or results_dir / "tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     title = report.get("title", name)
