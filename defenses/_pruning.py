@@ -288,6 +288,7 @@ def unlearn_per_step(
     check_every: int = 1,
     num: Numerics | None = None,
     phase: str = "unlearn",
+    majority_stop: bool = False,
 ) -> dict[str, float]:
     """Gradient ascent on the CE of `module`, SGD (momentum 0.9) on `params` only, checked per step (T-Core): batches
     drawn with replacement, eval-mode BN (the running statistics stay those of the model being analysed); after
@@ -297,7 +298,10 @@ def unlearn_per_step(
     Divergence (securetl.guard, `phase` names it): checked with the accuracy, which reads the host anyway. Ascent
     is unbounded: once the logits are NaN every sample is predicted as one class, whose share of D can hold the
     accuracy above the threshold for all `max_steps`. Under `recover` the last finite parameters come back with
-    a lower lr (momentum cleared) and the ascent goes on; `retries` triggers later it stops there."""
+    a lower lr (momentum cleared) and the ascent goes on; `retries` triggers later it stops there.
+    `majority_stop` (T-Core's): stop also once the accuracy is no better than predicting the sample's most frequent
+    label: the model has collapsed onto one class, and under dirty-label poison that class can hold more than
+    `threshold` of D, so the ascent would only go on until it diverges."""
     num = num or Numerics.resolve(acts.device)
     with _training_only(module, params):
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
@@ -306,9 +310,10 @@ def unlearn_per_step(
         y = num.put(y)
         probe_idx = num.put(torch.randperm(n, generator=g)[:512])
         acc = accuracy(module, acts[probe_idx], y[probe_idx], num)
+        floor = float(torch.bincount(y[probe_idx].cpu()).max()) / len(probe_idx) if majority_stop else -1.0
         module.eval()
         watch.begin()
-        while acc >= threshold and steps < max_steps:
+        while acc >= threshold and acc > floor and steps < max_steps:
             b = num.put(torch.randint(0, n, (batch_size,), generator=g))
             with num.autocast():
                 loss = -F.cross_entropy(module(acts[b]), y[b])

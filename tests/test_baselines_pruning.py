@@ -521,3 +521,30 @@ def test_a_clean_share_too_small_for_a_holdout_is_refused():
     ctx = RunContext(device=torch.device("cpu"), seed=0, num_classes=3, progress=False, clean=clean)
     with pytest.raises(ValueError, match="holdout"):
         clean_split(ctx, "rnp", 0.2, torch.Generator().manual_seed(0))
+
+
+def test_unlearning_stops_when_the_model_predicts_only_the_most_frequent_label():
+    """T-Core's majority stop: a model that predicts one class for everything is no better than the constant
+    predictor; when that class holds more of D than the accuracy threshold (dirty-label poison: the target
+    class), plain ascent would go on to max_steps (and to NaN), the majority stop ends it at once."""
+    from securetl.defenses._pruning import unlearn_per_step
+
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor([5.0, 0.0, 0.0]))
+
+        def forward(self, x):
+            return self.bias.expand(len(x), 3) + 0 * x.flatten(1)[:, :1]
+
+    y = torch.tensor([0] * 30 + [1] * 35 + [2] * 35)  # class 0 (30 %) is predicted; threshold 0.2
+    acts = torch.randn(len(y), 4)
+    kw = dict(threshold=0.2, lr=1e-6, batch_size=16, max_steps=25)
+    model = Constant()
+    plain = unlearn_per_step(model, acts, y, torch.Generator().manual_seed(0), list(model.parameters()), **kw)
+    assert plain["steps"] == 25 and plain["acc"] == pytest.approx(0.3)
+    model = Constant()
+    stop = unlearn_per_step(
+        model, acts, y, torch.Generator().manual_seed(0), list(model.parameters()), majority_stop=True, **kw
+    )
+    assert stop["steps"] == 0

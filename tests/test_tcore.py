@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
 from conftest import CONF
 from securetl.defenses._splits import capped_split
-from securetl.defenses.tcore.bootstrap import Trainer, bootstrap, meta_scores
+from securetl.defenses.tcore.bootstrap import QUOTAS, Trainer, bootstrap, meta_scores
 from securetl.defenses.tcore.channels import (
     MaskedBN,
     Tail,
@@ -210,6 +211,65 @@ def test_bootstrap_pool_grows_monotonically_to_rho_n():
     assert len(res.pool_idx) == round(0.8 * n)  # quota="global": the paper's rho |D|
     assert set(start.tolist()) <= set(res.pool_idx.tolist())
     assert [s["kind"] for s in res.steps] == ["loss", "loss", "meta", "meta"]
+
+
+def test_bootstrap_trains_each_pool_before_it_is_scored_and_the_last_pool_once():
+    """Training between expansions serves the next expansion's scores: the pool before each of the four
+    expansions gets epochs_per_step on it, the temporary copies of the meta steps train on all of D, and the
+    last pool goes straight to the final training (it used to get epochs_per_step more first)."""
+
+    class Spy(Trainer):
+        calls: list[tuple[int, int]] = []
+
+        def train(self, tail, acts, y, epochs, g, train_stages=True, cosine=False):
+            self.calls.append((len(y), epochs))
+
+    g = torch.Generator().manual_seed(0)
+    _, tail = _tail()
+    n = 120
+    acts = torch.randn(n, 16, 8, 8, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    res = bootstrap(
+        tail,
+        acts,
+        y,
+        torch.arange(40),
+        Spy(None, 1e-3, 32),
+        g,
+        rho=0.8,
+        epochs_per_step=5,
+        meta_epochs=1,
+        final_epochs=20,
+    )
+    pools = [40] + [len(s["pool"]) for s in res.steps]
+    assert Spy.calls == [(40, 5), (pools[1], 5), (pools[2], 5), (n, 1), (pools[3], 5), (n, 1), (pools[4], 20)]
+
+
+@pytest.mark.parametrize("quota", QUOTAS)
+def test_bootstrap_never_admits_an_excluded_sample(quota):
+    """pool_skips_dense: the samples phase 1 found abnormally tight in an over-dense class stay out of every
+    expansion (a class short of them takes what it has), whatever the quota."""
+    g = torch.Generator().manual_seed(0)
+    _, tail = _tail()
+    n = 120
+    acts = torch.randn(n, 16, 8, 8, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    barred = torch.nonzero(y == 0).squeeze(1)[5:]
+    res = bootstrap(
+        tail,
+        acts,
+        y,
+        torch.arange(0, n, 4),
+        Trainer(None, 1e-3, 32),
+        g,
+        rho=0.9,
+        epochs_per_step=1,
+        final_epochs=1,
+        quota=quota,
+        exclude=barred,
+    )
+    added = set(res.pool_idx.tolist()) - set(range(0, n, 4))
+    assert added and not added & set(barred.tolist())
 
 
 def test_rank_sum_meta_score_does_not_take_slow_high_loss_poisons_first():

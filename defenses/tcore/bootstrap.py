@@ -235,8 +235,10 @@ def bootstrap(
     final_cosine: bool = False,
     meta_score: str = "reduction",
     class_rho: float = 0.8,
+    exclude: Tensor | None = None,
 ) -> BootstrapResult:
-    """Grow the pool from `start_idx` to rho*N in loss-guided then meta-guided steps; train on it."""
+    """Grow the pool from `start_idx` to rho*N in loss-guided then meta-guided steps; train on it. The samples
+    `exclude` indexes never join (a class short of them takes what it has)."""
     if quota not in QUOTAS:
         raise ValueError(f"bootstrap quota={quota!r}; choose one of {', '.join(QUOTAS)}")
     if meta_score not in ("reduction", "rank_sum"):
@@ -254,8 +256,10 @@ def bootstrap(
     final_target = max(target, int(round(rho * int(caps.sum())))) if caps is not None else target
     pool = torch.zeros(n, dtype=torch.bool)
     pool[start_idx] = True
+    barred = torch.zeros(n, dtype=torch.bool)
+    if exclude is not None:
+        barred[exclude] = True
     steps: list[dict] = []
-    trainer.train(tail, take(acts, pool), y[pool], epochs_per_step, g, train_stages)
     for i, kind in enumerate(kinds):
         have = int(pool.sum())
         topup = i >= n_quota_steps
@@ -264,9 +268,15 @@ def bootstrap(
             if topup or caps is None:
                 break
             continue  # the quota steps are done early: on to the top-up
+        rest = torch.nonzero(~pool & ~barred).squeeze(1)
+        if len(rest) == 0:
+            break  # every sample left is barred: the pool stays short of its goal
+        # train on the pool before each expansion (its scores need the model): after the last expansion the
+        # final training follows at once, so the last pool is trained once, not 5 + final_epochs epochs.
+        # The pools, and the random stream until the final training, are what they were
+        trainer.train(tail, take(acts, pool), y[pool], epochs_per_step, g, train_stages)
         left = 1 if topup else n_quota_steps - i
         add = (goal - have + left - 1) // left  # spread what is left evenly
-        rest = torch.nonzero(~pool).squeeze(1)
         loss1 = per_sample_loss(tail, take(acts, rest), y[rest], num=trainer.num)
         if kind == "loss":
             score = loss1  # lowest loss first
@@ -281,7 +291,6 @@ def bootstrap(
         else:
             pool[_pick(score, rest, y, pool, add, quotas, left)] = True
         steps.append({"kind": kind, "pool": torch.nonzero(pool).squeeze(1)})
-        trainer.train(tail, take(acts, pool), y[pool], epochs_per_step, g, train_stages)
     trainer.train(tail, take(acts, pool), y[pool], final_epochs, g, train_stages, cosine=final_cosine)
     return BootstrapResult(torch.nonzero(pool).squeeze(1), steps)
 

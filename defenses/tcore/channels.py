@@ -79,8 +79,10 @@ def unlearn(
     max_steps: int = 500,
     check_every: int = 1,
     num: Numerics | None = None,
+    majority_stop: bool = False,
 ) -> dict:
-    """Gradient ascent on the CE loss over D, normalisation parameters only, until acc(D) < threshold.
+    """Gradient ascent on the CE loss over D, normalisation parameters only, until acc(D) < threshold (or, with
+    `majority_stop`, no better than predicting D's most frequent label).
 
     Accuracy is checked after every step: with momentum, ten steps can carry it from above the threshold to
     half of it, and how far unlearning overshoots decides how many masks recovery pulls down."""
@@ -98,6 +100,7 @@ def unlearn(
         check_every=check_every,
         num=num or Numerics.resolve(acts.device),
         phase="tcore/unlearn",
+        majority_stop=majority_stop,
     )
     for name, p in tail.named_parameters():
         p.requires_grad_(not name.endswith(".mask"))

@@ -98,6 +98,7 @@ class TCore(Defense):
         density_ceiling: float = 0.1,
         agreement: float = 0.5,
         expansion_skips_dense: bool = True,
+        pool_skips_dense: bool = False,
         # phase 2: seed expansion
         expansion_agreement: float = 0.5,
         lam: float = 20.0,
@@ -110,6 +111,7 @@ class TCore(Defense):
         fit_epochs: int = 10,
         unlearn_threshold: float = 0.2,
         unlearn_lr: float = 0.01,
+        unlearn_majority_stop: bool = False,
         recover_epochs: int = 20,
         recover_lr: float = 0.05,
         mask_l1: float = 1e-3,
@@ -186,10 +188,13 @@ class TCore(Defense):
         if self.tis:
             res = self.sift(layers, ref_logits, y)
             seed = res.seed_idx
-            exclude = self._collapsed(res.dense_idx, y) if self.expansion_skips_dense else None
+            collapsed = self._collapsed(res.dense_idx, y)
+            exclude = collapsed if self.expansion_skips_dense else None
+            pool_exclude = collapsed if self.pool_skips_dense else None
             self.decisions["tis_majority_idx"] = res.majority_idx
+            self.decisions["dense_collapsed_idx"] = collapsed
         else:
-            seed, exclude = self._random_per_class(y, self.alpha, g), None
+            seed, exclude, pool_exclude = self._random_per_class(y, self.alpha, g), None, None
         self.decisions["seed_idx"] = seed
         t["tis"] = time.perf_counter() - t0
 
@@ -245,7 +250,15 @@ class TCore(Defense):
                 # chi keeps what the fitted model learned; psi (the channels clean recovery did not need) restarts
                 tail.stages.load_state_dict(fitted.stages.state_dict())
             info = unlearn(
-                fitted, acts, y, g, self.unlearn_threshold, self.unlearn_lr, self.batch_size, num=num
+                fitted,
+                acts,
+                y,
+                g,
+                self.unlearn_threshold,
+                self.unlearn_lr,
+                self.batch_size,
+                num=num,
+                majority_stop=self.unlearn_majority_stop,
             )
             masks = recover_masks(
                 fitted,
@@ -296,6 +309,7 @@ class TCore(Defense):
                 self.final_cosine,
                 self.meta_score,
                 self.class_rho,
+                pool_exclude,
             )
             pool = res.pool_idx
             for i, step in enumerate(res.steps):
