@@ -270,6 +270,24 @@ def test_bootstrap_never_admits_an_excluded_sample(quota):
     )
     added = set(res.pool_idx.tolist()) - set(range(0, n, 4))
     assert added and not added & set(barred.tolist())
+    if quota == "topup":  # pool_skips_dense=topup: only the last step passes them over
+        res = bootstrap(
+            tail,
+            acts,
+            y,
+            torch.arange(0, n, 4),
+            Trainer(None, 1e-3, 32),
+            g,
+            rho=0.9,
+            epochs_per_step=1,
+            final_epochs=1,
+            quota=quota,
+            exclude=barred,
+            exclude_in_topup_only=True,
+        )
+        before_topup = set(res.steps[-2]["pool"].tolist())
+        assert before_topup & set(barred.tolist())  # the quota steps took some
+        assert not (set(res.pool_idx.tolist()) - before_topup) & set(barred.tolist())
 
 
 def test_rank_sum_meta_score_does_not_take_slow_high_loss_poisons_first():

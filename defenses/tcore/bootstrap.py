@@ -236,9 +236,11 @@ def bootstrap(
     meta_score: str = "reduction",
     class_rho: float = 0.8,
     exclude: Tensor | None = None,
+    exclude_in_topup_only: bool = False,
 ) -> BootstrapResult:
     """Grow the pool from `start_idx` to rho*N in loss-guided then meta-guided steps; train on it. The samples
-    `exclude` indexes never join (a class short of them takes what it has)."""
+    `exclude` indexes never join (a class short of them takes what it has); with `exclude_in_topup_only`, only
+    the top-up step passes them over (the quota steps may take them)."""
     if quota not in QUOTAS:
         raise ValueError(f"bootstrap quota={quota!r}; choose one of {', '.join(QUOTAS)}")
     if meta_score not in ("reduction", "rank_sum"):
@@ -268,7 +270,8 @@ def bootstrap(
             if topup or caps is None:
                 break
             continue  # the quota steps are done early: on to the top-up
-        rest = torch.nonzero(~pool & ~barred).squeeze(1)
+        passed_over = barred if topup or not exclude_in_topup_only else torch.zeros_like(barred)
+        rest = torch.nonzero(~pool & ~passed_over).squeeze(1)
         if len(rest) == 0:
             break  # every sample left is barred: the pool stays short of its goal
         # train on the pool before each expansion (its scores need the model): after the last expansion the

@@ -98,7 +98,7 @@ class TCore(Defense):
         density_ceiling: float = 0.1,
         agreement: float = 0.5,
         expansion_skips_dense: bool = True,
-        pool_skips_dense: bool = False,
+        pool_skips_dense: str = "off",
         # phase 2: seed expansion
         expansion_agreement: float = 0.5,
         lam: float = 20.0,
@@ -111,8 +111,8 @@ class TCore(Defense):
         fit_epochs: int = 10,
         unlearn_threshold: float = 0.2,
         unlearn_lr: float = 0.01,
-        unlearn_majority_stop: bool = False,
-        recover_epochs: int = 20,
+        unlearn_majority_stop: bool = True,
+        recover_epochs: int = 10,
         recover_lr: float = 0.05,
         mask_l1: float = 1e-3,
         sigma: float = 0.7,
@@ -127,7 +127,7 @@ class TCore(Defense):
         meta_guided_steps: int = 2,
         epochs_per_step: int = 5,
         meta_epochs: int = 1,
-        final_epochs: int = 20,
+        final_epochs: int = 15,
         final_cosine: bool = True,
         meta_score: str = "rank_sum",
         lr: float = 1e-3,
@@ -155,6 +155,8 @@ class TCore(Defense):
             raise ValueError(f"defense.density_ceiling={density_ceiling} must lie in [0, 1)")
         if meta_score not in ("reduction", "rank_sum"):
             raise ValueError(f"defense.meta_score={meta_score!r}; choose reduction or rank_sum")
+        if pool_skips_dense not in ("off", "topup", "all"):
+            raise ValueError(f"defense.pool_skips_dense={pool_skips_dense!r}; choose off, topup or all")
         if pool_quota not in QUOTAS:
             raise ValueError(f"defense.pool_quota={pool_quota!r}; choose one of {', '.join(QUOTAS)}")
         if trusted_from not in ("fitted", "pretrained"):
@@ -190,7 +192,7 @@ class TCore(Defense):
             seed = res.seed_idx
             collapsed = self._collapsed(res.dense_idx, y)
             exclude = collapsed if self.expansion_skips_dense else None
-            pool_exclude = collapsed if self.pool_skips_dense else None
+            pool_exclude = collapsed if self.pool_skips_dense != "off" else None
             self.decisions["tis_majority_idx"] = res.majority_idx
             self.decisions["dense_collapsed_idx"] = collapsed
         else:
@@ -310,6 +312,7 @@ class TCore(Defense):
                 self.meta_score,
                 self.class_rho,
                 pool_exclude,
+                self.pool_skips_dense == "topup",
             )
             pool = res.pool_idx
             for i, step in enumerate(res.steps):
