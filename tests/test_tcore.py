@@ -255,36 +255,17 @@ def test_bootstrap_never_admits_an_excluded_sample(quota):
     acts = torch.randn(n, 16, 8, 8, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
     barred = torch.nonzero(y == 0).squeeze(1)[5:]
-    res = bootstrap(
-        tail,
-        acts,
-        y,
-        torch.arange(0, n, 4),
-        Trainer(None, 1e-3, 32),
-        g,
-        rho=0.9,
-        epochs_per_step=1,
-        final_epochs=1,
-        quota=quota,
-        exclude=barred,
-    )
-    added = set(res.pool_idx.tolist()) - set(range(0, n, 4))
+    start = torch.arange(0, n, 4)
+
+    def grow(**kw):
+        trainer = Trainer(None, 1e-3, 32)
+        return bootstrap(tail, acts, y, start, trainer, g, rho=0.9, epochs_per_step=1, final_epochs=1, **kw)
+
+    res = grow(quota=quota, exclude=barred)
+    added = set(res.pool_idx.tolist()) - set(start.tolist())
     assert added and not added & set(barred.tolist())
     if quota == "topup":  # pool_skips_dense=topup: only the last step passes them over
-        res = bootstrap(
-            tail,
-            acts,
-            y,
-            torch.arange(0, n, 4),
-            Trainer(None, 1e-3, 32),
-            g,
-            rho=0.9,
-            epochs_per_step=1,
-            final_epochs=1,
-            quota=quota,
-            exclude=barred,
-            exclude_in_topup_only=True,
-        )
+        res = grow(quota=quota, exclude=barred, exclude_in_topup_only=True)
         before_topup = set(res.steps[-2]["pool"].tolist())
         assert before_topup & set(barred.tolist())  # the quota steps took some
         assert not (set(res.pool_idx.tolist()) - before_topup) & set(barred.tolist())

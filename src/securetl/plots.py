@@ -142,20 +142,10 @@ class Replay:
 
 def compose(overrides: Sequence[str], config_dirs: Sequence[Path] = ()) -> DictConfig:
     """The run config `securetl OVERRIDES` composes (config dirs on the search path, as `-cd` puts them)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     import securetl.run  # noqa: F401  the resolvers the configs use
+    from securetl.tables import compose_run
 
-    extra = [f"hydra.searchpath=[{','.join(f'file://{Path(d).resolve()}' for d in config_dirs)}]"]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(
-            "run", overrides=[*(extra if config_dirs else []), *overrides], return_hydra_config=True
-        )
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_run(overrides, config_dirs)
 
 
 @dataclass

@@ -139,21 +139,30 @@ class Defaults:
             given = yaml.safe_load(value)
         except yaml.YAMLError:
             return False
-        return type(given) is type(default) and given == default or str(default) == value
+        return (type(given) is type(default) and given == default) or str(default) == value
+
+
+def compose_run(overrides: Sequence[str] = (), config_dirs: Sequence[Path | str] = ()) -> Any:
+    """The run config `securetl -cd DIR... OVERRIDES` composes, with its `hydra` node (group choices); not
+    resolved (a caller that resolves imports securetl.run first, for the resolvers the configs use)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    dirs = [Path(d).resolve() for d in config_dirs if Path(d).resolve() != CONF_DIR]
+    searchpath = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]"] if dirs else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("run", overrides=[*searchpath, *overrides], return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def run_defaults(conf_dir: ConfDirs = CONF_DIR) -> Defaults | None:
     """The default run config of the suite (a user's config dirs first, as `securetl -cd` searches them);
     None, with a warning, where it does not compose (a table still renders, judging overrides by name)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    user = [d for d in conf_dirs(conf_dir) if d.resolve() != CONF_DIR]
-    searchpath = [f"hydra.searchpath=[{','.join(f'file://{d.resolve()}' for d in user)}]"] if user else []
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("run", overrides=searchpath, return_hydra_config=True)
+        cfg = compose_run(config_dirs=conf_dirs(conf_dir))
     except Exception as e:  # noqa: BLE001  any composition error: the table is still worth rendering
         log.warning(
             "securetl-table: the default run config does not compose (%s); an override that "
@@ -161,8 +170,6 @@ def run_defaults(conf_dir: ConfDirs = CONF_DIR) -> Defaults | None:
             str(e).splitlines()[0],
         )
         return None
-    finally:
-        GlobalHydra.instance().clear()
     config = OmegaConf.to_container(cfg, resolve=False)
     choices = config.pop("hydra")["runtime"]["choices"]
     return Defaults(config, choices)
