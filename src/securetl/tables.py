@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 from omegaconf import OmegaConf
 
 from securetl.results import LATE_GROUPS, read_failures, read_rows
@@ -135,9 +134,9 @@ class Defaults:
         default = config_value(self.config, key)
         if default is None or isinstance(default, dict | list):
             return False
-        try:
-            given = yaml.safe_load(value)
-        except yaml.YAMLError:
+        try:  # the value as Hydra reads it (YAML scalars: 0, 0.1, true)
+            given = OmegaConf.create(f"v: {value}").v
+        except Exception:  # noqa: BLE001  not a scalar: it restates nothing
             return False
         return (type(given) is type(default) and given == default) or str(default) == value
 
