@@ -311,8 +311,8 @@ class TCore(Defense):
                 self.final_cosine,
                 self.meta_score,
                 self.class_rho,
-                pool_exclude,
-                self.pool_skips_dense == "topup",
+                exclude=pool_exclude,
+                exclude_in_topup_only=self.pool_skips_dense == "topup",
             )
             pool = res.pool_idx
             for i, step in enumerate(res.steps):
