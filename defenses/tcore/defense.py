@@ -100,7 +100,7 @@ class TCore(Defense):
         expansion_skips_dense: bool = True,
         pool_skips_dense: str = "off",
         # phase 2: seed expansion
-        expansion_agreement: float = 0.5,
+        expansion_agreement: float = 0.7,
         lam: float = 20.0,
         expansion_fractions: tuple[float, ...] = (0.1, 0.2, 0.3),
         confusion_epochs: int = 10,
