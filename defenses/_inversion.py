@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from securetl.interfaces import RunContext
+from securetl.numerics import take
 
 EPS = 1e-7  # keeps tanh / (2 + eps) + 0.5 strictly inside (0, 1) (BackdoorBench's EPSILON)
 
@@ -212,7 +213,8 @@ def invert_trigger(
         perm = num.put(torch.randperm(n, generator=g))
         for s in range(0, n, batch_size):
             mask, pattern = squash(w_mask), squash(w_pattern)
-            xb = num.batch(src[perm[s : s + batch_size]])
+            # take: `src` may be pinned host memory (num.resident: the images did not fit), `perm` is on the device
+            xb = num.batch(take(src, perm[s : s + batch_size]))
             l1 = mask.abs().sum() * l1_channels
             with num.autocast():
                 loss, score = objective(stamp(xb, mask, pattern))

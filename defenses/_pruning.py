@@ -25,11 +25,12 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
 
 from securetl import guard
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
-from securetl.numerics import Numerics
+from securetl.numerics import Numerics, take
 from securetl.probe import train_loop
 
 from ._features import Scope, accuracy, clean_split, reference_model, steps_per_epoch
@@ -49,8 +50,26 @@ class MaskedBN(nn.BatchNorm2d):
 
     @classmethod
     def from_bn(cls, bn: nn.BatchNorm2d, mask_bias: bool = True, noise: bool = False) -> MaskedBN:
+        """A MaskedBN computing what `bn` computes (masks at 1). timm's BatchNormAct2d keeps its dropout and
+        activation, applied after the masked normalisation as it applies them; any other BN subclass is refused,
+        since its forward is unknown here and swapping it would silently change the model."""
+        if not bn.affine or not bn.track_running_stats:
+            # the mask scales gamma (no gamma: nothing to mask or prune), and the masked forward reads the running
+            # statistics; building it anyway would invent a gamma of 1 / fail on the missing buffers
+            raise ValueError(
+                f"cannot mask {type(bn).__name__}({bn.num_features}) with affine={bn.affine}, "
+                f"track_running_stats={bn.track_running_stats}: masks need an affine BN with running statistics"
+            )
+        carried = type(bn) is BatchNormAct2d
+        if type(bn) is not nn.BatchNorm2d and not carried:
+            raise ValueError(
+                f"cannot mask {type(bn).__name__}: only nn.BatchNorm2d and timm's BatchNormAct2d are supported "
+                "(a BN subclass may compute more than the normalisation, which the masked copy would drop)"
+            )
         dev = bn.weight.device  # built where the BN it replaces lives
         m = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=True, track_running_stats=True)
+        if carried:  # before loading: an activation with parameters (PReLU) is part of the state dict
+            m.drop, m.act = bn.drop, bn.act
         m.to(dev).load_state_dict(bn.state_dict())
         m.mask = nn.Parameter(torch.ones(bn.num_features, device=dev), requires_grad=False)
         m.mask_bias = mask_bias
@@ -71,9 +90,14 @@ class MaskedBN(nn.BatchNorm2d):
             b = (1.0 if b is None else b) + self.noise_bias
         return w, b
 
+    @property
+    def carries_act(self) -> bool:
+        """Whether this replaces a timm BatchNormAct2d (its dropout and activation follow the normalisation)."""
+        return "act" in self._modules
+
     def forward(self, x: Tensor) -> Tensor:
         cw, cb = self.coefficients()
-        return F.batch_norm(
+        x = F.batch_norm(
             x,
             self.running_mean,
             self.running_var,
@@ -83,10 +107,13 @@ class MaskedBN(nn.BatchNorm2d):
             self.momentum,
             self.eps,
         )
+        return self.act(self.drop(x)) if self.carries_act else x  # BatchNormAct2d's order: drop, then act
 
 
 def mask_bns(module: nn.Module, mask_bias: bool = True, noise: bool = False) -> nn.Module:
-    """Every BatchNorm2d of `module` replaced by a MaskedBN (masks at 1), in place; returns `module`."""
+    """Every BatchNorm2d of `module` replaced by a MaskedBN (masks at 1), in place; returns `module`. timm's
+    BatchNormAct2d keeps its activation and dropout; a BN the mask cannot reproduce (affine=False, no running
+    statistics, another subclass) raises (MaskedBN.from_bn) rather than being swapped for something else."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, MaskedBN):
             setattr(module, name, MaskedBN.from_bn(child, mask_bias, noise))
@@ -107,10 +134,17 @@ def masks(module: nn.Module) -> dict[str, Tensor]:
 
 
 def unmask(module: nn.Module) -> nn.Module:
-    """Turn MaskedBN layers back into plain BatchNorm2d with the mask folded into weight (and bias), in place."""
+    """Turn MaskedBN layers back into plain BatchNorm2d (BatchNormAct2d where they replaced one) with the mask folded
+    into weight (and bias), in place."""
     for name, child in module.named_children():
         if isinstance(child, MaskedBN):
-            bn = nn.BatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum)
+            if child.carries_act:  # back to what was masked: a BatchNormAct2d, its dropout and activation
+                bn = BatchNormAct2d(
+                    child.num_features, eps=child.eps, momentum=child.momentum, apply_act=False
+                )
+                bn.drop, bn.act = child.drop, child.act
+            else:
+                bn = nn.BatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum)
             bn.to(child.weight.device)
             with torch.no_grad():
                 bn.weight.copy_(child.weight * child.mask)
@@ -309,14 +343,14 @@ def unlearn_per_step(
         n, steps = len(y), 0
         y = num.put(y)
         probe_idx = num.put(torch.randperm(n, generator=g)[:512])
-        acc = accuracy(module, acts[probe_idx], y[probe_idx], num)
+        acc = accuracy(module, take(acts, probe_idx), y[probe_idx], num)  # take: acts may be on the host
         floor = float(torch.bincount(y[probe_idx].cpu()).max()) / len(probe_idx) if majority_stop else -1.0
         module.eval()
         watch.begin()
         while acc >= threshold and acc > floor and steps < max_steps:
             b = num.put(torch.randint(0, n, (batch_size,), generator=g))
             with num.autocast():
-                loss = -F.cross_entropy(module(acts[b]), y[b])
+                loss = -F.cross_entropy(module(num.put(take(acts, b))), y[b])
             watch.observe(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -324,12 +358,12 @@ def unlearn_per_step(
             steps += 1
             if steps % check_every == 0:
                 verdict = watch.end(steps)
-                acc = accuracy(module, acts[probe_idx], y[probe_idx], num)
+                acc = accuracy(module, take(acts, probe_idx), y[probe_idx], num)
                 if verdict == guard.STOP:
                     break
                 watch.begin()
         if watch.pending and watch.end(steps) != guard.OK:  # max_steps inside a check window
-            acc = accuracy(module, acts[probe_idx], y[probe_idx], num)
+            acc = accuracy(module, take(acts, probe_idx), y[probe_idx], num)
     return {"steps": steps, "acc": acc}
 
 
@@ -369,8 +403,8 @@ def recover_masks(
         perm = num.put(torch.randperm(n, generator=g))
         for s in range(0, n, batch_size):
             b = perm[s : s + batch_size]
-            with num.autocast():
-                loss = F.cross_entropy(module(src[b]), y[b])
+            with num.autocast():  # take: `src` may be pinned host memory (num.resident), `b` is on the device
+                loss = F.cross_entropy(module(num.put(take(src, b))), y[b])
                 if alpha != 1.0:
                     loss = alpha * loss
                 if l1:
@@ -391,10 +425,38 @@ def recover_masks(
 
 
 # --------------------------------------------------------------------------- ANP and RNP
+def _check_sweep(by: str, top: float, step: float, fixed: float | None) -> None:
+    """Refuse, at construction, values that do not fit `pruning_by` (the sweep's, or the fixed `pruning_number`,
+    which replaces the sweep): masks lie in [0, 1], so a threshold above 1 prunes every channel; a number is a count
+    of channels, so the threshold defaults (0.9, 0.05) would sweep range(0, int(0.9) + 1) = [0] and prune nothing.
+    The ANP recipe's number sweep: pruning_max 1000, pruning_step 20 (of ResNet-18's 4 800 BN channels, about 21 %
+    in steps of 0.4 %)."""
+    swept = (("pruning_max", top), ("pruning_step", step)) if fixed is None else ()
+    if by == "threshold":
+        bad = [f"{k}={v}" for k, v in swept if not 0 < v <= 1]
+        if fixed is not None and not 0 <= fixed <= 1:
+            bad.append(f"pruning_number={fixed}")
+        if bad:
+            raise ValueError(
+                f"defense.pruning_by=threshold sweeps mask values in [0, 1]: {', '.join(bad)} must lie in (0, 1] "
+                "(pruning_number in [0, 1]); use pruning_by=number for counts of channels"
+            )
+        return
+    bad = [f"{k}={v}" for k, v in swept if v < 1 or v != int(v)]
+    if fixed is not None and (fixed < 0 or fixed != int(fixed)):
+        bad.append(f"pruning_number={fixed}")
+    if bad:
+        raise ValueError(
+            f"defense.pruning_by=number counts channels: {', '.join(bad)} must be whole numbers >= 1 "
+            "(pruning_number >= 0), e.g. pruning_max=1000 pruning_step=20 as the ANP recipe"
+        )
+
+
 class MaskPruning(Defense):
-    """ANP and RNP: learn a mask per BN channel of M0's top `stages` stages on the fit part of the clean share
-    (`learn_masks`), sweep the pruning threshold (or number) on M0, judge each point by its accuracy on the held-out
-    part, and prune the chosen channels' BN weight (gamma) in M0. The head of M0 stays as trained.
+    """ANP and RNP: learn a mask per BN channel of M0's encoder (every stage, as both codes mask every BN; or its top
+    `stages` stages) on the fit part of the clean share (`learn_masks`), sweep the pruning threshold (or number) on
+    M0, judge each point by its accuracy on the held-out part, and prune the chosen channels' BN weight (gamma) in
+    M0. The head of M0 stays as trained.
 
     The codes' sweeps print test ACC/ASR and BackdoorBench keeps the lowest test ASR within its accuracy ratio
     (issue #35); here the point with the most pruning whose holdout accuracy passes `within` wins, or a fixed
@@ -406,7 +468,7 @@ class MaskPruning(Defense):
 
     def __init__(
         self,
-        stages: int = 2,
+        stages: int | None = None,
         pruning_by: str = "threshold",
         pruning_max: float = 0.9,
         pruning_step: float = 0.05,
@@ -418,11 +480,12 @@ class MaskPruning(Defense):
         super().__init__(clean_fraction)
         if pruning_by not in ("threshold", "number"):
             raise ValueError(f"defense.pruning_by={pruning_by!r}; choose threshold or number")
-        if int(stages) < 1:
-            raise ValueError(f"defense.stages={stages} must be >= 1")
+        if stages is not None and int(stages) < 1:
+            raise ValueError(f"defense.stages={stages} must be >= 1 (null: every stage)")
         if not pruning_step > 0:
             raise ValueError(f"defense.pruning_step={pruning_step} must be > 0")
-        self.stages, self.pruning_by = int(stages), pruning_by
+        _check_sweep(pruning_by, pruning_max, pruning_step, pruning_number)
+        self.stages, self.pruning_by = (None if stages is None else int(stages)), pruning_by
         self.pruning_max, self.pruning_step, self.pruning_number = pruning_max, pruning_step, pruning_number
         self.acc_ratio, self.holdout = acc_ratio, holdout
 
@@ -440,14 +503,14 @@ class MaskPruning(Defense):
         g = ctx.generator(salt=self.salt)
         fit, held = clean_split(ctx, self.name, self.holdout, g)
         m0 = reference_model(encoder, train, probe, ctx)
-        # M0's top stages + head, on what enters them (stages below a fine-tuning probe's are untouched)
-        scope = Scope.of_model(m0, probe, fit.x, ctx, stages=self.stages)
+        # M0's stages (all, or the top `stages`) + head, on what enters them (stages below are untouched)
+        n_stages = len(m0.encoder.stages) if self.stages is None else self.stages
+        scope = Scope.of_model(m0, probe, fit.x, ctx, stages=n_stages)
         x_fit, x_held = scope.inputs, scope.inputs_for(held.x, ctx)
         work = mask_bns(scope.module(ctx.num_classes, ctx), mask_bias=False, noise=self.noise)
         if not any(True for _ in masked_bns(work)):
-            raise ValueError(
-                f"{self.name}: the encoder's top {self.stages} stage(s) hold no BatchNorm2d to mask"
-            )
+            where = "stages" if self.stages is None else f"top {self.stages} stage(s)"
+            raise ValueError(f"{self.name}: the encoder's {where} hold no BatchNorm2d to mask")
         scores = {k: v.float().cpu() for k, v in self.learn_masks(work, x_fit, fit.y, g, ctx).items()}
         del work
 
@@ -472,10 +535,10 @@ class MaskPruning(Defense):
         if self.pruning_by == "threshold":
             n_pts = int(round(self.pruning_max / self.pruning_step)) + 1
             points = [{"threshold": round(i * self.pruning_step, 10)} for i in range(n_pts)]
-        else:
+        else:  # counts (whole numbers >= 1: _check_sweep), capped at the channels there are
             total = sum(s.numel() for s in scores.values())
             top = min(int(self.pruning_max), total)
-            points = [{"number": k} for k in range(0, top + 1, max(1, int(self.pruning_step)))]
+            points = [{"number": k} for k in range(0, top + 1, int(self.pruning_step))]
         chosen, accs = sweep(points, acc_of, base, self.acc_ratio, stop_at_failure=False)
         return chosen or {}, accs
 

@@ -57,7 +57,7 @@ class ABL(Defense):
         tuning_epochs: int = 10,
         finetuning: bool = True,
         finetuning_epochs: int = 20,
-        unlearning_steps: int = 40,
+        unlearning_steps: int = 32,
         unlearning_lr: float = 5e-4,
         unlearning_batch_size: int = 64,
         weight_decay: float = 1e-4,

@@ -5,8 +5,8 @@ Reference code read: csdongxian/ANP_backdoor optimize_mask_cifar.py, prune_neuro
 (as ported in BackdoorBench), recipe.md; SCLBD/BackdoorBench defense/anp.py, config/defense/anp/config.yaml, and its
 issue #35 (the threshold picked with test ASR). Needs clean labelled data (1 % of CIFAR-10 in the paper).
 
-  masks     every BN channel of M0's top stages gets a mask m in [0, 1] (init 1) on its weight, and noise on its
-            weight and bias coefficients: gamma x (m + delta), beta x (1 + xi)
+  masks     every BN channel of M0's encoder (every stage, as both codes: `stages: null`) gets a mask m in [0, 1]
+            (init 1) on its weight, and noise on its weight and bias coefficients: gamma x (m + delta), beta x (1 + xi)
   optimise  each iteration, on a batch of 128 clean samples drawn with replacement:
               delta, xi ~ U[-eps, eps]; `anp_steps` signed-gradient steps (lr eps / steps) that raise the CE
               masks: SGD (lr 0.2, momentum 0.9) on alpha CE(clean) + (1 - alpha) CE(perturbed); clip to [0, 1]
@@ -15,7 +15,8 @@ issue #35 (the threshold picked with test ASR). Needs clean labelled data (1 % o
 The threshold (or number) is chosen on the held-out part of the clean share (defenses/_pruning.MaskPruning), not by
 test ASR. Deviations: the noise is projected back to [-eps, eps] after each signed step (the paper's box
 constraint; the code's step can take it to 2 eps); the clean samples are memoised activations, so there is no
-crop/flip augmentation; the masks cover M0's top `stages` stages (the probe's trainable part under probe=finetune).
+crop/flip augmentation. `stages: k` (ours) restricts the masks to M0's top k stages (k = 2: the probe's trainable part
+under probe=finetune), a cheaper variant that cannot prune a backdoor living in the lower stages.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from securetl.interfaces import RunContext
-from securetl.numerics import Numerics
+from securetl.numerics import Numerics, take
 
 from ._pruning import MaskPruning, masked_bns, masks
 
@@ -70,7 +71,8 @@ def optimize_masks(
     module.train()
     for _ in tqdm(range(iterations), desc="anp masks", disable=not progress, leave=False):
         b = num.put(torch.randint(0, n, (batch_size,), generator=g))
-        xb, yb = src[b], ys[b]
+        # take: `src` may be pinned host memory (num.resident: the activations did not fit), `b` is on the device
+        xb, yb = num.put(take(src, b)), ys[b]
         if eps > 0:
             _adversarial_noise(module, noise, xb, yb, g_noise, eps, steps, num)
             largest = torch.maximum(largest, torch.stack([p.detach().abs().max() for p in noise]).max())
@@ -127,7 +129,7 @@ class ANP(MaskPruning):
         lr: float = 0.2,
         nb_iter: int = 2000,
         batch_size: int = 128,
-        stages: int = 2,
+        stages: int | None = None,
         pruning_by: str = "threshold",
         pruning_max: float = 0.9,
         pruning_step: float = 0.05,

@@ -58,8 +58,8 @@ class ASD(Defense):
         epochs: int = 30,
         epoch_first: int = 15,
         epoch_second: int = 22,
-        t: int = 1,
-        n: int = 8,
+        t: int = 2,
+        n: int = 1,
         epsilon: float = 0.5,
         sce_alpha: float = 0.1,
         sce_beta: float = 1.0,
@@ -115,15 +115,15 @@ class ASD(Defense):
         module = scope.module(k, ctx)
         opt = torch.optim.Adam(module.parameters(), lr=self.lr)
         best, best_state, best_epoch = -1.0, None, self.epochs - 1
-        choice_num = 0
+        chosen = None  # (labelled, unlabelled, MixMatch statistics) of the epoch whose model is returned
         bar = tqdm(range(self.epochs), desc="asd[mixmatch]", disable=not ctx.progress, leave=False)
         for epoch in bar:
             losses = self.split_losses(module, scope.inputs, y, ctx)
             phase = self.phase(epoch)
             if phase == "aware":
-                if epoch % self.t == 0 and epoch != 0:
-                    choice_num += self.n
-                picked = class_aware_split(losses, y, torch.full((k,), choice_num, dtype=torch.long))
+                picked = class_aware_split(
+                    losses, y, torch.full((k,), self.choice_num(epoch), dtype=torch.long)
+                )
             elif phase == "agnostic":
                 picked = global_split(losses, self.epsilon)
             else:
@@ -132,7 +132,9 @@ class ASD(Defense):
                 )
                 picked = meta_split(losses, after, self.epsilon)
             labelled, unlabelled = semi_pools(picked, n)
-            self.decisions[f"asd_{phase}_labelled_idx"] = labelled
+            # every epoch's D_C (BASELINES.md 2.9: its size and purity per epoch); the pipeline turns `_idx` sets into
+            # size and purity afterwards (results.decision_diagnostics), so the defense never sees a poison flag
+            self.decisions[f"asd_epoch{epoch}_{phase}_labelled_idx"] = labelled
             stats = mixmatch_epoch(
                 module,
                 opt,
@@ -152,16 +154,21 @@ class ASD(Defense):
                 rng=rng,
             )
             bar.set_postfix(phase=phase, loss=f"{stats['loss']:.3f}")
-            if held_inputs is not None:
+            if held_inputs is None:
+                chosen = (labelled, unlabelled, stats)  # select: last
+            else:
                 acc = accuracy(module, held_inputs, held.y, ctx)
                 if acc >= best:  # ties go to the later epoch: it has trained on more of the schedule
                     best, best_epoch = acc, epoch
                     best_state = copy.deepcopy(module.state_dict())
+                    chosen = (labelled, unlabelled, stats)
         if best_state is not None:
             module.load_state_dict(best_state)
             self.diagnostics["asd/holdout_acc"] = best
         self.diagnostics["asd/best_epoch"] = best_epoch
-        if self.epochs:
+        if chosen is not None:
+            # the split the returned model trained on, not the last epoch's: `select: holdout` may return an earlier one
+            labelled, unlabelled, stats = chosen
             self.decisions["labelled_idx"], self.decisions["unlabelled_idx"] = labelled, unlabelled
             self.diagnostics.update(
                 {f"asd/mixmatch_{key}": round(stats[key], 5) for key in ("loss", "lx", "lu")}
@@ -173,6 +180,11 @@ class ASD(Defense):
         if epoch < self.epoch_first:
             return "aware"
         return "agnostic" if epoch < self.epoch_second else "meta"
+
+    def choice_num(self, epoch: int) -> int:
+        """Per class, the lowest-loss samples of D the class-aware split adds to the seeds at `epoch`. ASD.py adds
+        n at every class-aware epoch with epoch % t == 0 and epoch != 0: n x (the multiples of t in 1..epoch)."""
+        return self.n * (epoch // self.t)
 
     def seeds(self, ctx: RunContext, k: int, g: torch.Generator) -> tuple[LabeledSet, LabeledSet | None]:
         """`seed_num` random clean images per class (fewer if the share has fewer), and the held-out part (None:

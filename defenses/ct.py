@@ -7,22 +7,31 @@ README.md (the toolbox copy is deprecated). Needs the clean reserve. Rounds r = 
   pretrain   train the "base" model on the current distilled set (all of D in round 0; distilled + clean in the
              last round), starting from the previous round's base; SGD lr 0.01, momentum 0.9, wd 1e-4, batch 32
   confuse    from the base, `confusion_steps[r]` SGD steps (lr lrs[r], momentum momentums[r], wd 1e-4, batch 32):
-             every step a clean batch relabelled (base prediction + rounder + step) mod K -- never the predicted
-             class; every `batch_factors[r]`-th step also a distilled batch, loss ((lambda-1) CE_confusion +
-             CE_inspection) / lambda with CE_inspection weighted per class by 1 / sqrt(freq + 0.001) (1 in the
-             last round); other steps the confusion CE alone
+             every step a clean batch relabelled (prediction + rounder + step) mod K -- never the predicted class;
+             the predictions come from ONE model trained on all of D, the same in every round (confusion_train
+             loads full_base_aug in every round; here round 0's base, see `detect`); every `batch_factors[r]`-th
+             step also a distilled batch, loss ((lambda-1) CE_confusion + CE_inspection) / lambda with
+             CE_inspection weighted per class by 1 / sqrt(freq + 0.001) (1 in the last round); other steps the
+             confusion CE alone
   distill    per-sample CE of the confused model on D: keep the lowest distillation_ratio[r] |D|, topped up to
-             n_c / 50 per class; in the last round the middle `median_sample_rate` of each class's loss ranking
-             is the "clean chunklet"
-  identify   per class, the confused model's penultimate features in 2-D (PCA); Gaussian 0 fitted on the chunklet,
-             Gaussian 1 on the samples predicted as their own label; ratio exp((LL_two - LL_one) / n_c); flag the
-             class of the largest ratio when it exceeds `max_ratio_threshold` (1.5) and any class over
-             `ratio_threshold` (2); remove the flagged classes' samples predicted as their own label
+             n_c x min_class_share[r] per class (n_c // 50, n_c // 100 in the round before the last: distill's
+             rate_factor); in the last round the middle `median_sample_rate` of each class's loss ranking is the
+             "clean chunklet"
+  identify   per class, the confused model's own penultimate features (what enters its last linear layer) in
+             2-D (PCA); the samples predicted as their own label are "isolated"; one-Gaussian model: Gaussian 0
+             fitted on the samples NOT isolated, for all of the class; two-Gaussian model: Gaussian 1 on the
+             isolated ones for them; ratio exp((LL_two - LL_one) / n_c), 1 unless 2 <= n_isolated <= n_c - 2
+             (HEAD identify_poison_samples_simplified; the chunklet is only checked to hold >= 2 samples of every
+             class); flag the class of the largest ratio when it exceeds `max_ratio_threshold` (1.5) and any
+             class over `ratio_threshold` (2); remove the flagged classes' samples predicted as their own label
 
 Transfer learning: the trained model is the probe's trainable part (a head on frozen features, or the top stages
 and a head on the activations entering them, initialised from the received encoder), the same scope as the
-final probe. The reference's debug ASR on the test set has no counterpart here. Schedules: the YAML holds the
-paper's (CIFAR-10 config.py); conf/deltas/synthetic.yaml shrinks epochs and steps for the CPU-sized default.
+final probe. Ours: the fixed model behind the confusion labels is round 0's base (trained on all of D by the
+pretrain step, no augmentation) rather than a separately trained full_base_aug (M0 would be that, but CT
+trains no M0: uses_reference_model is False). The reference's debug ASR on the test set has no counterpart
+here. Schedules: the YAML holds the paper's (CIFAR-10 config.py); conf/deltas/synthetic.yaml shrinks epochs
+and steps for the CPU-sized default.
 T-Core's phase 2 (defenses/tcore/confusion.py) is a different confusion loop (random wrong labels on a trusted
 seed, Adam, an MLP on features, no distillation rounds), so the two share no code.
 """
@@ -97,6 +106,19 @@ def _outputs(module, x, device, batch: int = 1024) -> Tensor:
     return torch.cat([module(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
 
 
+def _penultimate(module: nn.Module, x: Tensor, device) -> Tensor:
+    """The module's own penultimate layer, what enters its last linear layer (the reference's return_hidden):
+    under an MLP head its hidden activation; under a linear head the head's input (Scope.penultimate: the frozen
+    features, or the trainable stages' pooled output). Scope.penultimate alone would give the frozen encoder's
+    features under probe=mlp, which confusion training never changes."""
+    feats = Scope.penultimate(module, x, device)
+    head = Scope.head_of(module)
+    # an MLP head is Standardize, Linear, ReLU, Linear (probe.make_head); a linear one Standardize, Linear
+    if isinstance(head, nn.Sequential) and len(head) > 2:
+        return _outputs(head[:-1], feats, device)
+    return feats
+
+
 def _gauss_loglik(z: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
     """Log-density of rows z under N(mean, cov) (cov made positive definite by a pseudo-inverse fallback)."""
     d = len(mean)
@@ -106,16 +128,22 @@ def _gauss_loglik(z: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarra
     return -0.5 * ((diff**2 / w).sum(1) + np.log(w).sum() + d * np.log(2 * np.pi))
 
 
-def likelihood_ratio(proj: np.ndarray, chunklet: np.ndarray, isolated: np.ndarray) -> float:
-    """exp((LL of the two-Gaussian model - LL of the one-Gaussian model) / n) for one class (2-D features)."""
-    if isolated.sum() < 2 or chunklet.sum() < 2:
+def likelihood_ratio(proj: np.ndarray, isolated: np.ndarray) -> float:
+    """exp((LL of the two-Gaussian model - LL of the one-Gaussian model) / n) for one class (2-D features), as
+    HEAD identify_poison_samples_simplified: Gaussian 0 is fitted on the samples NOT isolated and is the whole
+    one-Gaussian model; 1 unless 2 <= n_isolated <= n - 2 (both Gaussians need two samples for a covariance).
+    The Nov 2022 versions fitted Gaussian 0 on the clean chunklet (threshold 5, then e); HEAD dropped that."""
+    n, n_iso = len(proj), int(isolated.sum())
+    if not 2 <= n_iso <= n - 2:
         return 1.0
-    mu0, mu1 = proj[chunklet].mean(0), proj[isolated].mean(0)
-    cov0 = np.cov(proj[chunklet].T) + 0.001  # the reference adds 0.001 to every entry
+    other = ~isolated
+    mu0, mu1 = proj[other].mean(0), proj[isolated].mean(0)
+    cov0 = np.cov(proj[other].T) + 0.001  # the reference adds 0.001 to every entry
     cov1 = np.cov(proj[isolated].T) + 0.001
     one = _gauss_loglik(proj, mu0, cov0)
     two = np.where(isolated, _gauss_loglik(proj, mu1, cov1), one)
-    return float(np.exp((two.sum() - one.sum()) / len(proj)))
+    # capped: a well-separated pair overflows exp(), and any ratio this large is far past every threshold
+    return float(np.exp(min((two.sum() - one.sum()) / len(proj), 700.0)))
 
 
 class ConfusionTraining(DetectionDefense):
@@ -135,7 +163,7 @@ class ConfusionTraining(DetectionDefense):
         pretrain_lr: float = 0.01,
         weight_decay: float = 1e-4,
         batch_size: int = 32,
-        min_class_share: float = 1 / 50,
+        min_class_share: tuple[float, ...] = (1 / 50, 1 / 50, 1 / 50, 1 / 50, 1 / 100),
         median_sample_rate: float = 0.1,
         max_ratio_threshold: float = 1.5,
         ratio_threshold: float = 2.0,
@@ -155,6 +183,11 @@ class ConfusionTraining(DetectionDefense):
                 raise ValueError(
                     f"defense.{key} needs {rounds} values (len(distillation_ratio) + 1), got {len(v)}"
                 )
+        if len(min_class_share) != len(distillation_ratio):  # one per distillation (rounds 0 .. last - 1)
+            raise ValueError(
+                f"defense.min_class_share needs {len(distillation_ratio)} values (one per distillation_ratio), "
+                f"got {len(min_class_share)}"
+            )
         if any(lam <= 1 for lam in lambs):
             raise ValueError(
                 "defense.lambs must be > 1 (the loss is ((lambda-1) CE_conf + CE_insp) / lambda)"
@@ -170,7 +203,7 @@ class ConfusionTraining(DetectionDefense):
             [int(s) for s in confusion_steps],
         )
         self.pretrain_lr, self.weight_decay, self.batch_size = pretrain_lr, weight_decay, int(batch_size)
-        self.min_class_share, self.median_sample_rate = min_class_share, median_sample_rate
+        self.min_class_share, self.median_sample_rate = list(min_class_share), median_sample_rate
         self.max_ratio_threshold, self.ratio_threshold = max_ratio_threshold, ratio_threshold
 
     # ------------------------------------------------------------------ the rounds
@@ -186,7 +219,7 @@ class ConfusionTraining(DetectionDefense):
         base = scope.module(k, ctx)
         distilled = torch.arange(n)
         last = len(self.distillation_ratio)
-        confused, chunklet = base, None
+        confused, chunklet, preds = base, None, None
         for r in range(last + 1):
             counts = torch.bincount(yd[distilled], minlength=k).double()
             weights = 1.0 / torch.sqrt(counts / len(distilled) + 0.001)
@@ -200,8 +233,11 @@ class ConfusionTraining(DetectionDefense):
             phase = f"ct/round{r}/pretrain"
             epochs = self.pretrain_epochs[r]
             _train_epochs(base, px, py, epochs, opt, self.batch_size, g, dev, phase, self.diagnostics)
-            # confusion training from the base
-            preds = _outputs(base, xc, dev).argmax(1)
+            # confusion training from the base. Its labels come from one model trained on all of D, fixed for
+            # every round (confusion_train loads full_base_aug each round): round 0's base, not this round's,
+            # which from round 1 on is retrained on the shrinking distilled set
+            if preds is None:
+                preds = _outputs(base, xc, dev).argmax(1)
             confused = copy.deepcopy(base)
             self._confuse(confused, xd[distilled], yd[distilled], xc, preds, weights.float(), r, g, dev, k)
             loss = F.cross_entropy(_outputs(confused, xd, dev), yd, reduction="none")
@@ -210,10 +246,9 @@ class ConfusionTraining(DetectionDefense):
             if r < last:
                 head = order[: int(self.distillation_ratio[r] * n)]
                 have = torch.bincount(yd[head], minlength=k)
-                extra = [
-                    per_class[c][int(have[c]) : len(per_class[c]) // round(1 / self.min_class_share)]
-                    for c in range(k)
-                ]
+                # distill's rate_factor: 50, and 100 in the round before the last
+                factor = round(1 / self.min_class_share[r])
+                extra = [per_class[c][int(have[c]) : len(per_class[c]) // factor] for c in range(k)]
                 distilled = torch.unique(torch.cat([head, *extra]))
                 self.diagnostics[f"ct/round{r}_distilled"] = len(distilled)
                 self.decisions[f"ct_round{r}_idx"] = distilled
@@ -242,7 +277,7 @@ class ConfusionTraining(DetectionDefense):
             if (rounder + step) % k == 0:
                 rounder += 1
             cb = clean_b.next()
-            target = ((preds[cb] + rounder + step) % k).to(dev)  # never the base's prediction
+            target = ((preds[cb] + rounder + step) % k).to(dev)  # never the fixed model's prediction
             if step % bf == 0:
                 ib = insp_b.next()
                 out = model(torch.cat([xc[cb], xd[ib]]).to(dev))
@@ -264,21 +299,26 @@ class ConfusionTraining(DetectionDefense):
         model.eval()
 
     def _identify(self, confused, scope, xd, yd, chunklet, k, dev) -> Tensor:
-        feats = Scope.penultimate(confused, xd, dev).double().numpy()
+        # the reference only checks the chunklet (>= 2 of every class, else it raises): it is not in the test
+        small = torch.nonzero(torch.bincount(yd[chunklet], minlength=k) < 2).squeeze(1).tolist()
+        if small:
+            raise ValueError(
+                f"CT: the clean chunklet holds fewer than 2 samples of classes {small} (too few samples per "
+                "class for median_sample_rate; raise defense.median_sample_rate)"
+            )
+        feats = _penultimate(confused, xd, dev).double().numpy()
         pred = _outputs(confused, xd, dev).argmax(1)
         own = (pred == yd).numpy()
-        in_chunk = np.zeros(len(yd), dtype=bool)
-        in_chunk[chunklet.numpy()] = True
         ratios = np.ones(k)
         with host_blas():
             for c in range(k):
                 idx = np.nonzero(yd.numpy() == c)[0]
-                if len(idx) < 3:
+                if len(idx) < 4:  # 2 <= n_isolated <= n_c - 2 cannot hold: ratio 1
                     continue
                 f = feats[idx] - feats[idx].mean(0)
                 _, _, vt = np.linalg.svd(f, full_matrices=False)
                 proj = f @ vt[:2].T
-                ratios[c] = likelihood_ratio(proj, in_chunk[idx], own[idx])
+                ratios[c] = likelihood_ratio(proj, own[idx])
         top = int(np.argmax(ratios))
         flagged = [
             c

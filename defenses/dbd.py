@@ -20,7 +20,9 @@ trainable scope (the head, or the top stages and the head) with MixMatch on augm
 frozen rest of the encoder. The model returned is the last epoch's: the reference keeps the epoch of best TEST
 accuracy, and with no clean data there is nothing to choose by that does not reward fitting D's poison.
 Deviations: the warm-up and the split losses read memoised un-augmented inputs (the reference augments both);
-the lambda_u ramp counts from the first MixMatch epoch (the reference's counter starts after the warm-up).
+the lambda_u ramp counts from the first MixMatch epoch over `rampup_epochs` (mixmatch_finetune.py passes its global
+epoch, the 10 warm-up epochs included, to a ramp of rampup_length 190 = the MixMatch epochs: its lambda_u starts at
+10/190 of full and is full for the last 10 epochs).
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class DBD(Defense):
                 module, (scope.inputs, y), ctx, loss="sce", alpha=self.sce_alpha, beta=self.sce_beta
             )
             labelled, unlabelled = semi_pools(global_split(losses, self.epsilon), n)
+            # every epoch's labelled pool (BASELINES.md 2.8: its size and purity per epoch); the pipeline turns
+            # `_idx` sets into size and purity afterwards (results.decision_diagnostics): no poison flag seen here
+            self.decisions[f"dbd_epoch{epoch}_labelled_idx"] = labelled
             if epoch == 0:
                 self.decisions["warmup_unlabelled_idx"] = unlabelled  # the split the warmed-up head makes
             stats = mixmatch_epoch(
@@ -118,6 +123,7 @@ class DBD(Defense):
             )
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
         if self.epochs:
+            # the last epoch's split: the one the returned (last-epoch) model trained on
             self.decisions["labelled_idx"], self.decisions["unlabelled_idx"] = labelled, unlabelled
             self.diagnostics["dbd/labelled_per_class"] = torch.bincount(
                 y[labelled], minlength=ctx.num_classes

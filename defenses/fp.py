@@ -11,10 +11,19 @@ an absolute 0.2 drop, 10 fine-tuning epochs). Needs clean labelled data (Backdoo
                (once_prune_ratio 0.01), by zeroing the head's weight columns; stop at the last step whose clean
                accuracy is within `acc_ratio` (0.1, relative) of the unpruned accuracy
   fine-tune    the model on the clean data, the pruned columns held at zero (torch prune's mask, as BackdoorBench):
-               SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, 100 epochs, the lr annealed to 0 over them
-               (BackdoorBench: lr_scheduler CosineAnnealingLR, T_max 100 = its epochs, stepped once an epoch)
+               SGD, momentum 0.9, weight decay 5e-4, batch 256, lr 0.01 annealed to 0 by a cosine (BackdoorBench:
+               lr_scheduler CosineAnnealingLR, T_max 100 = its epochs, stepped once an epoch), 100 epochs
 
 FT is the same fine-tuning with nothing pruned (`prune_step: 0`; BackdoorBench ft.py: 100 epochs on 5 %).
+
+Schedule (ours, as NAD and NC's unlearning here: defenses/_features.train_steps): the reference's epochs become
+optimiser steps. BackdoorBench fine-tunes on its 5 % of CIFAR-10, 2 500 images at batch 256 (no drop_last): 10 steps
+an epoch, 1 000 steps in 100 epochs. On the clean share an epoch has ceil(n / batch) steps and the epochs are
+ceil(steps / that): the same number of updates on fewer images (200 images at batch 256: one step an epoch, 1 000
+epochs; 100 "epochs" there were 100 updates, a tenth of the reference's). The cosine is stepped once an epoch over
+those epochs, i.e. over the steps. Learning rates are the probe's own (its encoder_lr for the stages, lr for the
+head) x `lr_scale`: BackdoorBench's 0.01 is its models' own training lr, and NAD here fine-tunes its teacher the
+same way, so FT (NAD's teacher, NAD without its distillation term) stays comparable with NAD.
 
 The stopping rule is measured on the held-out part of the clean share (BASELINES.md 2.10: both suites measure it on
 the clean test set); the channels are ranked on the rest; the fine-tuning then uses the whole clean share (no
@@ -22,10 +31,9 @@ selection follows it). What is fine-tuned is the probe's trainable part of M0: i
 probe=finetune, its head alone under a frozen encoder (probe=linear/mlp: pruning and fine-tuning act on the head's
 input columns only -- a legitimate but weak baseline). The probe's head standardises its input first, so a zeroed
 column holds that channel at its training mean rather than at 0 (alike for a dormant channel). Deviations: no
-crop/flip augmentation (the clean data are memoised activations, as in the probe's own loop); the cosine's T_max is
-the fine-tuning epochs whatever their number (BackdoorBench fixes 100, its default epochs); the number pruned is exactly the step's count (BackdoorBench prunes one fewer); the model
-kept is the last passing step's (BackdoorBench's net is the same object as the failing step's, so it keeps the
-over-pruned mask).
+crop/flip augmentation (the clean data are memoised activations, as in the probe's own loop); the number pruned is
+exactly the step's count (BackdoorBench prunes one fewer); the model kept is the last passing step's
+(BackdoorBench's net is the same object as the failing step's, so it keeps the over-pruned mask).
 """
 
 from __future__ import annotations
@@ -33,16 +41,15 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
-from securetl.probe import Schedule, train_loop
+from securetl.probe import Probe, Schedule
 
-from ._features import Scope, accuracy, clean_split, reference_model, require_clean
+from ._features import Scope, accuracy, clean_split, reference_model, require_clean, train_steps
 from ._pruning import prune, sweep
 
 log = logging.getLogger(__name__)
@@ -64,8 +71,8 @@ class FinePruning(Defense):
         self,
         prune_step: float = 0.01,
         acc_ratio: float = 0.1,
-        epochs: int = 100,
-        lr: float = 0.01,
+        steps: int = 1000,
+        lr_scale: float = 1.0,
         weight_decay: float = 5e-4,
         batch_size: int = 256,
         holdout: float = 0.2,
@@ -79,16 +86,14 @@ class FinePruning(Defense):
             raise ValueError(f"defense.prune_step={prune_step} must lie in [0, 1] (0 = FT: nothing pruned)")
         self.prune_step, self.acc_ratio, self.holdout = prune_step, acc_ratio, holdout
         self.schedule = schedule
-        self.epochs, self.lr, self.weight_decay, self.batch_size = (
-            int(epochs),
-            lr,
-            weight_decay,
-            int(batch_size),
-        )
+        if int(steps) < 1 or int(batch_size) < 1:
+            raise ValueError(f"defense.steps={steps} and defense.batch_size={batch_size} must be >= 1")
+        self.steps, self.lr_scale = int(steps), float(lr_scale)
+        self.weight_decay, self.batch_size = float(weight_decay), int(batch_size)
         if prune_step == 0:
             self.name = "ft"
 
-    def train(self, encoder: nn.Module, train: LabeledSet, probe: Any, ctx: RunContext) -> Model:
+    def train(self, encoder: nn.Module, train: LabeledSet, probe: Probe, ctx: RunContext) -> Model:
         clean = require_clean(ctx, self.name)
         g = ctx.generator(salt=21001)
         m0 = reference_model(encoder, train, probe, ctx)
@@ -99,17 +104,17 @@ class FinePruning(Defense):
         if self.prune_step > 0:
             fit, held = clean_split(ctx, self.name, self.holdout, g)
             n_pruned = self._prune(module, linear, scope, fit, held, ctx)
-        groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": self.lr}]
-        train_loop(
+        # the reference's optimiser steps at the probe's learning rates (NAD's rule: FT is its teacher), cosine
+        epochs = train_steps(
             module,
             scope.inputs,
             clean.y,
             ctx,
-            groups,
-            epochs=self.epochs,
+            g,
+            probe,
+            steps=self.steps,
             batch_size=self.batch_size,
-            g=g,
-            optimizer="sgd",
+            lr_scale=self.lr_scale,
             weight_decay=self.weight_decay,
             schedule=self.schedule,
             desc=self.name,
@@ -117,7 +122,8 @@ class FinePruning(Defense):
         if n_pruned:
             torch_prune.remove(linear, "weight")  # the zeroed columns become plain zeros in the weight
         self.diagnostics[f"{self.name}/n_clean"] = len(clean)
-        self.diagnostics[f"{self.name}/epochs"] = self.epochs
+        self.diagnostics[f"{self.name}/steps"] = self.steps
+        self.diagnostics[f"{self.name}/epochs"] = epochs  # the epochs those steps took on the clean share
         return scope.model(module)
 
     def _prune(

@@ -5,7 +5,7 @@ Reference code read: bboylyg/RNP main.py, README.md (its log: BadNets on ResNet-
 with 24 neurons pruned); SCLBD/BackdoorBench defense/rnp.py, utils/defense_utils/rnp/rnp_model/mask_batchnorm.py,
 config/defense/rnp/config.yaml (ratio 0.01). Needs clean labelled data (1 %, "500 defense data").
 
-  unlearn  gradient ascent on the clean CE over every parameter of a copy of M0's top stages + head: SGD lr 0.01,
+  unlearn  gradient ascent on the clean CE over every parameter of a copy of M0's stages + head: SGD lr 0.01,
            momentum 0.9, weight decay 5e-4, lr x 0.1 after epochs 10 and 20, batch 128; stop after the first epoch
            whose running training accuracy is <= 0.2, or after 20 epochs
   recover  a mask per BN channel (on its weight, init 1) of the unlearned copy, trained alone on the clean data with
@@ -16,9 +16,10 @@ The threshold (or number) is chosen on the held-out part of the clean share (def
 print test ASR for every threshold. Unlearning and recovery run in train mode (BN on batch statistics), as both codes.
 Deviations: no gradient clipping (both codes call clip_grad_norm_ before backward, on the previous step's zeroed
 gradients: a no-op); 20 unlearning epochs at most (BackdoorBench; bboylyg/RNP's loop runs 21); the clean samples are
-memoised activations (no crop/flip augmentation). Unlearning is securetl.probe.train_loop with the step schedule and
-an end-of-epoch stopping check (defenses/_pruning.unlearn, ABL's unlearning too); mask recovery is the loop T-Core's
-channel filter uses (defenses/_pruning.recover_masks).
+memoised activations (no crop/flip augmentation). The masks cover every BN of the encoder, as both codes
+(`stages: null`); `stages: k` (ours) restricts unlearning, recovery and pruning to M0's top k stages. Unlearning is
+securetl.probe.train_loop with the step schedule and an end-of-epoch stopping check (defenses/_pruning.unlearn, ABL's
+unlearning too); mask recovery is the loop T-Core's channel filter uses (defenses/_pruning.recover_masks).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class RNP(MaskPruning):
         recovering_epochs: int = 20,
         alpha: float = 0.2,
         batch_size: int = 128,
-        stages: int = 2,
+        stages: int | None = None,
         pruning_by: str = "threshold",
         pruning_max: float = 0.9,
         pruning_step: float = 0.05,

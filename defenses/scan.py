@@ -21,11 +21,13 @@ maximum is positive and flips the order when it is not); a tie in clean counts r
 set's top principal components first (BASELINES.md: Se from few clean samples), `max_dim` caps it. The per-sample
 loops of the codes are vectorised (same arithmetic).
 
-One correction: in J, the one-group identity vector is the posterior mean Su (n Su + Se)^-1 sum(x) -- what the
-global model's E-step computes. The codes' calc_test (the same text in the toolbox and BackdoorBench) omits the
-Su F factor there, -Se G sum(x) with G = -(n Su + Se)^-1; with few classes Su has low rank, and outside its range
-that term is the class SUM, so J grows with n^2 |mean|^2 and ranks classes by size and offset, not by a second
-subgroup (measured on tests/test_baselines_detectors.py's planted set: J ~ 1e5 in every class, nothing flagged).
+One correction (`identity: posterior`, the default): in J, the one-group identity vector is the posterior mean
+Su (n Su + Se)^-1 sum(x) -- what the global model's E-step computes. The codes' calc_test (the same text in the
+toolbox and BackdoorBench) omits the Su F factor there, -Se G sum(x) with G = -(n Su + Se)^-1, i.e.
+Se (n Su + Se)^-1 sum(x); with few classes Su has low rank, and outside its range that term is the class SUM, so
+J grows with n^2 |mean|^2 and ranks classes by size and offset, not by a second subgroup (measured on
+tests/test_baselines_detectors.py's planted set: J ~ 1e5 in every class, nothing flagged). `identity: reference`
+computes the codes' Se (n Su + Se)^-1 sum(x), the published statistic.
 """
 
 from __future__ import annotations
@@ -105,12 +107,19 @@ def find_split(x: np.ndarray, f: np.ndarray, rng: np.random.Generator, iters: in
     return z, u1, u2
 
 
-def split_statistic(x: np.ndarray, su: np.ndarray, se: np.ndarray, f: np.ndarray, z, u1, u2) -> float:
+IDENTITIES = ("posterior", "reference")
+
+
+def split_statistic(
+    x: np.ndarray, su: np.ndarray, se: np.ndarray, f: np.ndarray, z, u1, u2, identity: str = "posterior"
+) -> float:
     """J: the log-likelihood ratio of the two-subgroup model against the one-group model, per sample."""
     n = len(x)
-    # the class's identity vector under the one-group model: the posterior mean Su (n Su + Se)^-1 sum(x), i.e. the
-    # global model's own E-step (-Se G_k sum(x) with G_k = -(n Su + Se)^-1 Su F); see the module doc
-    mu = su @ np.linalg.pinv(n * su + se) @ x.sum(0)
+    # the class's identity vector under the one-group model. posterior: Su (n Su + Se)^-1 sum(x), the global
+    # model's own E-step (-Se G_k sum(x) with G_k = -(n Su + Se)^-1 Su F); reference: calc_test's
+    # Se (n Su + Se)^-1 sum(x), without the Su F factor (see the module doc)
+    left = su if identity == "posterior" else se
+    mu = left @ np.linalg.pinv(n * su + se) @ x.sum(0)
     b1 = mu @ f @ mu - u1 @ f @ u1
     b2 = mu @ f @ mu - u2 @ f @ u2
     in1 = z >= 0.5
@@ -129,10 +138,14 @@ class SCAn(DetectionDefense):
         threshold: float = math.e**2,
         em_iters: int = 100,
         max_dim: int | None = None,
+        identity: str = "posterior",
         clean_fraction: float | None = None,
     ) -> None:
         super().__init__(clean_fraction)
+        if identity not in IDENTITIES:
+            raise ValueError(f"defense.identity={identity!r}; choose posterior or reference")
         self.threshold, self.em_iters, self.max_dim = float(threshold), int(em_iters), max_dim
+        self.identity = identity
 
     def detect(self, encoder, model, train, probe, ctx):
         require_clean(ctx, "SCAn")
@@ -163,7 +176,7 @@ class SCAn(DetectionDefense):
             if len(members) < 2:
                 continue
             z, u1, u2 = find_split(x[members], f, rng, self.em_iters)
-            j[k] = split_statistic(x[members], su, se, f, z, u1, u2)
+            j[k] = split_statistic(x[members], su, se, f, z, u1, u2, self.identity)
             splits[k] = (members, z >= 0.5)
         scored = ~np.isnan(j)
         index = np.full(c, np.nan)

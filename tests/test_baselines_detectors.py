@@ -10,6 +10,7 @@ import torch
 
 from securetl.defenses import asset as asset_mod
 from securetl.defenses import ct as ct_mod
+from securetl.defenses import scan as scan_mod
 from securetl.defenses._features import Scope
 from securetl.defenses._scoring import (
     adjusted_outlyingness,
@@ -26,7 +27,7 @@ from securetl.defenses.spectral import SpectralSignatures
 from securetl.defenses.spectre import Spectre
 from securetl.interfaces import LabeledSet, RunContext
 from securetl.pipeline import run
-from securetl.probe import Probe
+from securetl.probe import Probe, make_head
 
 C, PER, DIM, N_POISON = 5, 200, 32, 20
 
@@ -122,6 +123,144 @@ def test_ct_removes_a_planted_minority(monkeypatch):
     assert tpr >= 0.9, (tpr, det.diagnostics)
     assert fpr <= 0.02, (fpr, det.diagnostics)
     assert det.diagnostics["ct/flagged_classes"] == [0]
+
+
+def _head_ratio(proj, isolated):
+    """HEAD identify_poison_samples_simplified's likelihood ratio for one class, with scipy as it calls it."""
+    from scipy.stats import multivariate_normal
+
+    mu0, mu1 = proj[~isolated].mean(0), proj[isolated].mean(0)
+    cov0, cov1 = np.cov(proj[~isolated].T) + 0.001, np.cov(proj[isolated].T) + 0.001
+    ll0 = multivariate_normal.logpdf(proj, mean=mu0, cov=cov0, allow_singular=True)
+    ll1 = multivariate_normal.logpdf(proj, mean=mu1, cov=cov1, allow_singular=True)
+    return np.exp((np.where(isolated, ll1, ll0).sum() - ll0.sum()) / len(proj))
+
+
+def test_ct_likelihood_ratio_fits_the_one_gaussian_model_on_the_samples_not_isolated():
+    r = np.random.default_rng(0)
+    proj = r.normal(size=(60, 2))
+    far = np.arange(60) < 10
+    proj[far] += 8.0  # the isolated samples form a cluster of their own
+    ratio = ct_mod.likelihood_ratio(proj, far)
+    assert ratio > 2 and ratio == pytest.approx(_head_ratio(proj, far), rel=1e-6)
+    mixed = r.random(60) < 0.5  # isolated at random within one cluster: one Gaussian explains it
+    split = ct_mod.likelihood_ratio(proj[~far], mixed[~far])
+    assert split < 1.5 and split == pytest.approx(_head_ratio(proj[~far], mixed[~far]), rel=1e-6)
+    # 1 unless 2 <= n_isolated <= n_c - 2
+    for k in (0, 1, 59, 60):
+        assert ct_mod.likelihood_ratio(proj, np.arange(60) < k) == 1.0
+    assert ct_mod.likelihood_ratio(proj, np.arange(60) < 2) != 1.0
+    assert ct_mod.likelihood_ratio(proj, np.arange(60) < 58) != 1.0
+
+
+def test_ct_chunklet_is_only_a_sanity_check():
+    x, y, *_ = planted()
+    head, cpu = make_head("linear", x, C, 8), torch.device("cpu")
+    with pytest.raises(ValueError, match="chunklet"):  # the reference raises when a class has < 2 in it
+        ConfusionTraining()._identify(head, None, x, y, torch.nonzero(y != C - 1).squeeze(1), C, cpu)
+    a, b = ConfusionTraining(), ConfusionTraining()
+    a._identify(head, None, x, y, torch.arange(len(y)), C, cpu)
+    two_each = torch.cat([torch.arange(C) * PER + 5, torch.arange(C) * PER + 6])  # two samples of each class
+    b._identify(head, None, x, y, two_each, C, cpu)  # the ratios do not depend on which samples it holds
+    assert a.diagnostics["ct/likelihood_ratio"] == b.diagnostics["ct/likelihood_ratio"]
+
+
+def test_ct_rounds_reuse_one_models_labels_and_top_up_per_round(monkeypatch):
+    x, y, poison, xc, yc = planted()
+    _feature_scope(monkeypatch, ct_mod, x, xc)
+
+    def no_training(module, px, py, epochs, opt, batch, g, device, phase, record=None):
+        # round r's base predicts class r everywhere: a base retrained every round would relabel differently
+        r = int(phase.split("/")[1].removeprefix("round"))
+        with torch.no_grad():
+            module[-1].bias.fill_(-100.0)
+            module[-1].bias[r % C] = 100.0
+
+    seen = []
+    monkeypatch.setattr(ct_mod, "_train_epochs", no_training)
+    monkeypatch.setattr(
+        ConfusionTraining, "_confuse", lambda self, model, xd, yd, xc, preds, *a: seen.append(preds.clone())
+    )
+    det = ConfusionTraining(distillation_ratio=(0.0,) * 5)
+    train, ctx = _setup(det, x, y, xc, yc)
+    det.detect(None, None, train, Probe("linear"), ctx)
+    # the confusion labels of every round come from round 0's base (the reference: full_base_aug every round)
+    assert len(seen) == 6 and all(torch.equal(p, torch.zeros(len(yc), dtype=torch.long)) for p in seen)
+    # no lowest-loss head: each class keeps its top-up alone, n_c // 50 = 4 in rounds 0-3, n_c // 100 = 2 in 4
+    assert [det.diagnostics[f"ct/round{r}_distilled"] for r in range(5)] == [20, 20, 20, 20, 10]
+    with pytest.raises(ValueError, match="min_class_share"):
+        ConfusionTraining(min_class_share=(0.02,))
+
+
+def test_ct_identifies_on_the_confused_models_own_penultimate_layer():
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    mlp = make_head("mlp", x, 3, 8)
+    with torch.no_grad():
+        hidden = torch.relu(mlp[1](mlp[0](x)))
+    got = ct_mod._penultimate(mlp, x, cpu)
+    assert got.shape == (50, 8) and torch.allclose(got, hidden)  # the MLP's hidden layer, not its input
+    assert torch.equal(ct_mod._penultimate(make_head("linear", x, 3, 8), x, cpu), x)  # a linear head's input
+    from securetl.encoders.resnet import cifar_resnet18
+
+    enc = cifar_resnet18(width=4).eval().requires_grad_(False)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    ctx = RunContext(device=cpu, seed=0, num_classes=3, progress=False)
+    probe = Probe("finetune", trainable="last2", head="mlp", hidden=8)
+    scope = Scope.of(enc, probe, images, ctx)
+    assert ct_mod._penultimate(scope.module(3, ctx), scope.inputs, cpu).shape == (12, 8)
+
+
+def _calc_test(x, su, se, f, subg, u1, u2):
+    """vtu81/backdoor-toolbox cleansers_tool_box/scan.py calc_test (BackdoorBench's is the same text), loops kept."""
+    n = len(x)
+    seg = se @ -np.linalg.pinv(n * su + se)
+    mu = np.zeros(x.shape[1])
+    for i in range(n):
+        mu = mu - seg @ x[i]
+    b1 = mu @ f @ mu - u1 @ f @ u1
+    b2 = mu @ f @ mu - u2 @ f @ u2
+    n1 = int((subg >= 0.5).sum())
+    sc = n1 * b1 + (n - n1) * b2
+    for i in range(n):
+        sc -= 2 * x[i] @ f @ (mu - u1 if subg[i] >= 0.5 else mu - u2)
+    return sc / n
+
+
+def test_scan_identity_reference_is_the_codes_statistic_and_differs_from_posterior():
+    # a hand-made class of 4 samples in 2-D, Su = I, Se = 4 I (F = I / 4), subgroups {0, 1} and {2, 3}
+    x = np.array([[2.0, 0.0], [4.0, 0.0], [0.0, 1.0], [0.0, 5.0]])
+    su, se = np.eye(2), 4 * np.eye(2)
+    f, z = np.linalg.pinv(se), np.array([1.0, 1.0, 0.0, 0.0])
+    u1, u2 = x[:2].mean(0), x[2:].mean(0)
+    ref = scan_mod.split_statistic(x, su, se, f, z, u1, u2, identity="reference")
+    post = scan_mod.split_statistic(x, su, se, f, z, u1, u2, identity="posterior")
+    assert ref == pytest.approx(9 / 4)  # by hand: mu = Se (4 Su + Se)^-1 sum(x) = (3, 3)
+    assert post == pytest.approx(45 / 32)  # by hand: mu = Su (4 Su + Se)^-1 sum(x) = (3/4, 3/4)
+    assert ref == pytest.approx(_calc_test(x, su, se, f, z, u1, u2))
+    assert scan_mod.split_statistic(x, su, se, f, z, u1, u2) == post  # the default
+    # a full-rank, non-diagonal case: `reference` is calc_test's loop
+    r = np.random.default_rng(0)
+    x, a, b = r.normal(size=(7, 3)), r.normal(size=(3, 3)), r.normal(size=(3, 3))
+    su, se = a @ a.T, b @ b.T + np.eye(3)
+    f, z = np.linalg.pinv(se), (np.arange(7) < 3).astype(float)
+    u1, u2 = x[:3].mean(0), x[3:].mean(0)
+    ref = scan_mod.split_statistic(x, su, se, f, z, u1, u2, identity="reference")
+    assert ref == pytest.approx(_calc_test(x, su, se, f, z, u1, u2), rel=1e-9)
+    assert ref != pytest.approx(scan_mod.split_statistic(x, su, se, f, z, u1, u2), rel=1e-3)
+    with pytest.raises(ValueError, match="identity"):
+        SCAn(identity="prior")
+
+
+def test_scan_identity_setting_reaches_the_statistic():
+    x, y, poison, xc, yc = planted()
+    js = {}
+    for identity in ("posterior", "reference"):
+        det = SCAn(identity=identity)
+        train, ctx = _setup(det, x, y, xc, yc)
+        det.detect(None, None, train, None, ctx)
+        js[identity] = det.diagnostics["scan/J"]
+    assert js["posterior"] != js["reference"]
 
 
 def test_asset_removes_a_planted_minority(monkeypatch):

@@ -164,6 +164,42 @@ def test_masked_bn_computes_what_tcores_did():
     assert all(m.mask_bias for _, m in t.bns()) and t.n_channels() > 0
 
 
+def test_mask_bns_keeps_timms_bn_act_and_refuses_what_it_cannot_mask():
+    """timm's BatchNormAct2d subclasses BatchNorm2d and applies dropout + an activation after the normalisation: the
+    masked copy keeps them (masks at 1 = the same function) and unmask gives the BatchNormAct2d back. A BN without
+    gamma (affine=False) or an unknown subclass is refused with a one-line error, not swapped for a plain BN."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # negative pre-activations, so that a dropped ReLU would show
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.copy_(torch.randn(4, generator=g))
+                m.running_mean.copy_(torch.randn(4, generator=g))
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    want = net(x)
+    masked = mask_bns(copy.deepcopy(net), mask_bias=False, noise=True).eval()  # new modules start in train mode
+    assert isinstance(masked[1], MaskedBN) and masked[1].carries_act and isinstance(masked[1].act, nn.ReLU)
+    assert isinstance(masked[3], MaskedBN) and not masked[3].carries_act
+    assert torch.equal(masked(x), want)
+    assert masked[1](torch.full((1, 4, 2, 2), -100.0)).max() == 0  # the ReLU is there
+    assert set(masks(masked)) == {"1", "3"} and set(bn_weights(masked)) == {"1", "3"}
+    back = unmask(masked)
+    assert type(back[1]) is BatchNormAct2d and isinstance(back[1].act, nn.ReLU)
+    assert type(back[3]) is nn.BatchNorm2d
+    assert torch.equal(back(x), want)
+
+    class OwnBN(nn.BatchNorm2d):
+        pass
+
+    for bad, match in ((nn.BatchNorm2d(4, affine=False), "affine=False"), (OwnBN(4), "cannot mask OwnBN")):
+        with pytest.raises(ValueError, match=match) as e:
+            mask_bns(nn.Sequential(bad))
+        assert "\n" not in str(e.value)
+
+
 def test_recover_masks_touches_only_masks_and_keeps_them_in_unit_interval():
     work = mask_bns(copy.deepcopy(_tail()), mask_bias=False)
     acts, y = _acts(work, 48), torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(3))
@@ -382,10 +418,60 @@ def test_anp_perturbation_stays_within_eps_and_masks_within_unit_interval():
     assert torch.allclose(bn(x), want)
 
 
+def test_anp_and_rnp_mask_every_stage_and_refuse_a_number_sweep_of_thresholds():
+    """Both codes mask every BN: the default `stages` is null (every stage). pruning_by=number counts channels:
+    the threshold defaults (0.9, 0.05) would sweep range(0, int(0.9) + 1) = [0], pruning nothing, so they are
+    refused at construction (before any work), as a threshold beyond the masks' [0, 1] is."""
+    for cls in (ANP, RNP):
+        assert cls().stages is None and cls(stages=2).stages == 2
+        with pytest.raises(ValueError, match="stages"):
+            cls(stages=0)
+        with pytest.raises(ValueError, match="pruning_by=number counts channels") as e:
+            cls(pruning_by="number")
+        msg = str(e.value)
+        assert "pruning_max=0.9" in msg and "pruning_step=0.05" in msg and "\n" not in msg
+        for bad in (
+            {"pruning_by": "number", "pruning_max": 1000, "pruning_step": 2.5},
+            {"pruning_by": "number", "pruning_number": 0.2},
+            {"pruning_max": 1000, "pruning_step": 20},  # counts under pruning_by=threshold
+            {"pruning_number": 24},
+        ):
+            with pytest.raises(ValueError, match="pruning_by="):
+                cls(**bad)
+        cls(pruning_by="number", pruning_max=1000, pruning_step=20)  # the ANP recipe's number sweep
+        cls(pruning_by="number", pruning_number=24)  # a fixed number: the sweep's values are not used
+    # the number sweep: counts in steps of pruning_step, capped at the channels there are
+    anp = ANP(pruning_by="number", pruning_max=10, pruning_step=2)
+    scores = {"a": torch.tensor([0.5, 0.1, 0.9]), "b": torch.tensor([0.2, 0.3])}
+    seen: list[dict] = []
+    by, accs = anp._choose(scores, lambda by: seen.append(by) or 0.9, 0.9)
+    assert seen == [{"number": k} for k in (0, 2, 4)] and by == {"number": 4} and accs == [0.9] * 3
+
+
+def test_ft_and_fp_defaults_are_the_references_steps():
+    """FT and FP fine-tune for BackdoorBench's 100 epochs over 2 500 images at batch 256 (10 steps an epoch, no
+    drop_last) = 1 000 optimiser steps, at the probe's learning rates, cosine; both YAMLs say the same as Python."""
+    from omegaconf import OmegaConf
+
+    from conftest import CONF
+
+    ft = FinePruning(prune_step=0)
+    assert ft.name == "ft" and ft.steps == 100 * math.ceil(2500 / 256) and ft.batch_size == 256
+    assert ft.lr_scale == 1.0 and ft.schedule == "cosine" and ft.weight_decay == 5e-4
+    assert epochs_for(ft.steps, 200, ft.batch_size) == 1000  # 200 clean images: 1 000 one-step epochs
+    for option in ("ft", "fp"):
+        node = OmegaConf.load(CONF / "defense" / f"{option}.yaml")
+        assert "epochs" not in node and "lr" not in node, option
+        for key in ("steps", "lr_scale", "schedule", "weight_decay", "batch_size"):
+            assert node[key] == getattr(ft, key), (option, key)
+    with pytest.raises(ValueError, match="steps"):
+        FinePruning(steps=0)
+
+
 # --------------------------------------------------------------------------- end to end
 FAST = {
-    "ft": ["defense.epochs=2"],
-    "fp": ["defense.epochs=2"],
+    "ft": ["defense.steps=2"],
+    "fp": ["defense.steps=2"],
     "anp": ["defense.nb_iter=4", "defense.batch_size=16"],
     "rnp": ["defense.unlearning_epochs=2", "defense.recovering_epochs=2"],
 }
@@ -394,8 +480,9 @@ CLASS = {"ft": FinePruning, "fp": FinePruning, "anp": ANP, "rnp": RNP}
 # blows up at the probe's learning rates (NaN); these keep M0 finite
 FINETUNE = ["probe=finetune", "probe.lr=0.001", "probe.encoder_lr=0.0001"]
 KEYS = {
-    "ft": ["ft/n_clean", "ft/epochs"],
-    "fp": ["fp/channels", "fp/pruned", "fp/holdout_acc_m0", "fp/holdout_acc_pruned", "fp/sweep_holdout_acc"],
+    "ft": ["ft/n_clean", "ft/steps", "ft/epochs"],
+    "fp": ["fp/channels", "fp/pruned", "fp/holdout_acc_m0", "fp/holdout_acc_pruned", "fp/sweep_holdout_acc"]
+    + ["fp/steps", "fp/epochs"],
     "anp": ["anp/channels", "anp/pruned", "anp/pruned_per_stage", "anp/max_noise", "anp/holdout_acc_m0"],
     "rnp": ["rnp/channels", "rnp/pruned", "rnp/unlearn_epochs", "rnp/unlearn_acc", "rnp/holdout_acc"],
 }
@@ -478,6 +565,8 @@ def test_runs_end_to_end_under_linear_probe_and_sees_no_test_data(compose_cfg, m
     _check_no_test_data(seen, splits)
     assert seen["probe"].frozen
     _check_model(method, seen, d)
+    if method in ("anp", "rnp"):  # every stage, the frozen encoder's too: both codes mask every BN
+        assert d[f"{method}/first_stage"] == 0
 
 
 @pytest.mark.parametrize("method", list(FAST))
@@ -489,8 +578,33 @@ def test_runs_end_to_end_under_finetune_probe(compose_cfg, monkeypatch, method):
     assert not seen["probe"].frozen
     _check_no_test_data(seen, splits)
     _check_model(method, seen, d)
-    if method in ("anp", "rnp"):  # the masks cover the probe's trainable stages (last2)
-        assert d[f"{method}/first_stage"] == len(seen["model"].encoder.stages) - 2
+    if method in ("anp", "rnp"):  # every stage, not only the probe's trainable ones (last2)
+        assert d[f"{method}/first_stage"] == 0
+        assert len(d[f"{method}/pruned_per_stage"]) == len(seen["model"].encoder.stages)
+
+
+@pytest.mark.parametrize("method", ["ft", "fp"])
+def test_ft_and_fp_fine_tune_with_nads_rule(compose_cfg, monkeypatch, method):
+    """The fine-tuning is train_steps (NAD's and NC's rule): the YAML's optimiser steps as whole epochs of the clean
+    share, SGD at the probe's learning rates (encoder_lr for the stages, lr for the head) x lr_scale, a cosine over
+    those epochs, the reference's batch."""
+    from securetl.defenses import _features
+
+    calls, real = [], _features.train_loop
+
+    def spy(module, inputs, y, ctx, groups, **kw):
+        calls.append({"lrs": [g["lr"] for g in groups], "n": len(y), **kw})
+        return real(module, inputs, y, ctx, groups, **kw)
+
+    monkeypatch.setattr(_features, "train_loop", spy)
+    row, seen, _ = _run_and_spy(compose_cfg, monkeypatch, method, [*FINETUNE, "defense.lr_scale=0.5"])
+    probe, d = seen["probe"], row["diagnostics"]
+    (call,) = calls  # one fine-tuning, and nothing else of the method goes through train_steps
+    assert call["lrs"] == pytest.approx([0.5 * probe.encoder_lr, 0.5 * probe.lr])
+    assert call["optimizer"] == "sgd" and call["schedule"] == "cosine" and call["batch_size"] == 256
+    assert call["weight_decay"] == pytest.approx(5e-4)
+    assert call["n"] == 20 and call["epochs"] == epochs_for(2, 20, 256) == 2  # FAST: defense.steps=2
+    assert d[f"{method}/steps"] == 2 and d[f"{method}/epochs"] == call["epochs"]
 
 
 @pytest.mark.parametrize("method", list(FAST))

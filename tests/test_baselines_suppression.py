@@ -1,30 +1,41 @@
 """The training-time suppression baselines (issue 20): ABL isolates a planted fast-learned shortcut; the loss-based
 splits return the sizes they promise; the MixMatch step lowers its loss and keeps its pools apart; the symmetric
 CE is what DBD's code computes; each method runs end to end in the pipeline under a frozen encoder and under
-fine-tuning and writes its diagnostics; ASD refuses to run without clean data."""
+fine-tuning and writes its diagnostics; ASD refuses to run without clean data. Review fixes: ASD's class-aware pool
+grows by the reference's class share, ABL unlearns the reference's 32 steps, DBD and ASD record every epoch's split
+and ASD the split of the epoch it returns, train_loop reads inputs left in host memory, per_sample_loss ranks by
+fp32 logits under bf16 (the last two on CUDA)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import CONF
 from securetl.defenses import abl as abl_mod
+from securetl.defenses import asd as asd_mod
 from securetl.defenses._features import Scope
 from securetl.defenses._mixmatch import Views, mixmatch_epoch, mixmatch_loss, semi_pools
 from securetl.defenses._splits import class_aware_split, global_split, meta_split
 from securetl.defenses.abl import ABL
 from securetl.defenses.asd import ASD
 from securetl.interfaces import LabeledSet, RunContext
+from securetl.numerics import Numerics, clear_resident
 from securetl.pipeline import run
-from securetl.probe import Probe, per_sample_loss, symmetric_ce
+from securetl.probe import Probe, per_sample_loss, symmetric_ce, train_loop
 from securetl.validate import ConfigError
 
 CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (make test-gpu on a GPU)"
+)
 
 
 def _ctx(num_classes: int, clean: LabeledSet | None = None) -> RunContext:
@@ -82,9 +93,9 @@ def test_abl_unlearning_raises_the_isolated_samples_loss():
     before = per_sample_loss(module, (x[isolated], y[isolated]), ctx)
     defense.unlearn(module, x[isolated], y[isolated], ctx, g)
     after = per_sample_loss(module, (x[isolated], y[isolated]), ctx)
-    assert (after > before).all() and defense.diagnostics[
-        "abl/unlearning_steps"
-    ] == 40  # one batch, 40 epochs
+    # the reference's 4 training epochs (of unlearning_epochs 5: the first only evaluates) x 8 batches of its 500
+    # isolated images; here the 10 isolated samples are one batch, so 32 epochs
+    assert (after > before).all() and defense.diagnostics["abl/unlearning_steps"] == 32
 
 
 def test_abl_finetunes_in_one_optimiser_run_and_unlearns_with_the_shared_ascent(monkeypatch):
@@ -216,8 +227,18 @@ FAST = {
 # the decisions each method writes, and the sizes they have on the tiny set (300 images)
 SIZES = {
     "abl": {"isolated/size": 3},
-    "dbd": {"labelled/size": 150, "unlabelled/size": 150, "warmup_unlabelled/size": 150},
-    "asd": {"asd_agnostic_labelled/size": 150, "asd_meta_labelled/size": 150, "unlabelled/size": 150},
+    "dbd": {
+        "labelled/size": 150,
+        "unlabelled/size": 150,
+        "warmup_unlabelled/size": 150,
+        "dbd_epoch0_labelled/size": 150,  # every epoch's split, with its purity
+        "dbd_epoch1_labelled/size": 150,
+    },
+    "asd": {
+        "asd_epoch1_agnostic_labelled/size": 150,
+        "asd_epoch2_meta_labelled/size": 150,
+        "unlabelled/size": 150,
+    },
 }
 
 
@@ -246,7 +267,11 @@ def test_method_runs_end_to_end_and_writes_its_diagnostics(compose_cfg, method, 
     if method == "asd":
         # 2 clean images per class: one seed, one held out
         assert d["asd/seeds_per_class"] == [1] * 10 and d["asd/n_holdout"] == 10
-        assert d["asd_aware_labelled/size"] == 0  # choice_num is 0 in the first epoch: the seeds alone
+        assert d["asd_epoch0_aware_labelled/size"] == 0  # choice_num is 0 in the first epoch: the seeds alone
+    epochs = {"asd": 3, "dbd": 2}.get(method, 0)
+    for e in range(epochs):  # every epoch's labelled pool has its size and purity in the row
+        (key,) = [k for k in d if k.startswith(f"{method}_epoch{e}_") and k.endswith("_labelled/purity")]
+        assert math.isnan(d[key]) if d[key.replace("purity", "size")] == 0 else 0.0 <= d[key] <= 1.0
 
 
 def test_asd_refuses_to_run_without_clean_data(compose_cfg):
@@ -255,3 +280,104 @@ def test_asd_refuses_to_run_without_clean_data(compose_cfg):
     train = LabeledSet(torch.zeros(10, 3, 8, 8, dtype=torch.uint8), torch.arange(10) % 2)
     with pytest.raises(ValueError, match="clean_fraction > 0"):
         ASD().train(None, train, Probe("linear"), _ctx(2))
+
+
+# --------------------------------------------------------------------------- review fixes
+def test_asd_class_aware_pool_grows_by_the_reference_class_share():
+    # ASD.py: choice_num += n at every class-aware epoch with epoch % t == 0 and epoch != 0
+    ref = ASD(epochs=120, epoch_first=60, epoch_second=90, t=5, n=10)
+    assert [ref.choice_num(e) for e in (0, 4, 5, 9, 10, 59)] == [0, 0, 10, 10, 20, 110]
+    ours = ASD()  # the YAML's defaults (tests/test_usability.py holds them equal)
+    grown = [ours.choice_num(e) for e in range(ours.epoch_first)]
+    assert grown == [e // 2 for e in range(15)]  # +1 at epochs 2, 4, ..., 14
+    data = OmegaConf.load(CONF / "dataset" / "synthetic.yaml")
+    per_class = data.n_train / data.num_classes  # 400
+    # the grown part ends near the reference's share of a class (110 of 5,000 CIFAR-10 images, 2.2 %), not its
+    # count (112 of 400 would be 28 %)
+    assert 0.7 < (grown[-1] / per_class) / (110 / 5000) < 1.3
+
+
+def test_asd_records_the_split_of_the_epoch_it_returns(compose_cfg, monkeypatch):
+    # the held-out accuracy peaks at epoch 1 (class-agnostic): the model returned is that epoch's, and so must be
+    # the labelled/unlabelled split the row reports, not the last (meta) epoch's
+    accs = iter([0.5, 0.9, 0.1])
+    monkeypatch.setattr(asd_mod, "accuracy", lambda *a, **kw: next(accs))
+    seen = []
+    real = ASD.train
+
+    def spy(self, *a, **kw):
+        seen.append(self)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(ASD, "train", spy)
+    row = run(compose_cfg(["defense=asd", "data_attack=badnets", "probe=linear", *FAST["asd"]]))
+    d, decisions = row["diagnostics"], seen[0].decisions
+    assert d["asd/best_epoch"] == 1 and d["asd/holdout_acc"] == 0.9
+    assert torch.equal(decisions["labelled_idx"], decisions["asd_epoch1_agnostic_labelled_idx"])
+    assert not torch.equal(decisions["labelled_idx"], decisions["asd_epoch2_meta_labelled_idx"])
+    unl = decisions["unlabelled_idx"]
+    assert len(unl) + len(decisions["labelled_idx"]) == 300
+    assert not torch.isin(unl, decisions["labelled_idx"]).any()
+    # the row's figures for it, from the poison flags the defense never saw (results.decision_diagnostics)
+    for stat in ("size", "n_poison", "purity"):
+        assert d[f"labelled/{stat}"] == d[f"asd_epoch1_agnostic_labelled/{stat}"]
+
+
+def test_train_loop_draws_the_batches_it_always_drew_on_cpu():
+    # the order now lives where the inputs live; on CPU that is the same permutation from the same draws, so CPU
+    # results (T-Core's included) stay bit-identical to a plain loop over randperm batches
+    g0 = torch.Generator().manual_seed(0)
+    x, y = torch.randn(37, 5, generator=g0), torch.randint(0, 3, (37,), generator=g0)
+    torch.manual_seed(0)
+    a = nn.Linear(5, 3)
+    b = copy.deepcopy(a)
+    groups = [{"params": list(a.parameters()), "lr": 0.1}]
+    train_loop(a, x, y, _ctx(3), groups, epochs=3, batch_size=8, g=torch.Generator().manual_seed(1))
+    opt, g = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9), torch.Generator().manual_seed(1)
+    for _ in range(3):
+        perm = torch.randperm(37, generator=g)
+        for s in range(0, 37, 8):
+            idx = perm[s : s + 8]
+            loss = F.cross_entropy(b(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_train_loop_reads_inputs_left_in_pinned_host_memory(monkeypatch):
+    # inputs over the device budget stay in pinned host memory (Numerics.resident); a CUDA order indexed them
+    monkeypatch.setattr(Numerics, "fits", lambda self, nbytes: False)
+    clear_resident()
+    dev = torch.device("cuda")
+    ctx = RunContext(dev, 0, 3, progress=False, numerics=Numerics.resolve(dev))
+    g0 = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=g0), torch.randint(0, 3, (40,), generator=g0)
+    assert ctx.num.resident(x).device.type == "cpu"
+    module = nn.Linear(5, 3).to(dev)
+    before = module.weight.detach().clone()
+    groups = [{"params": list(module.parameters()), "lr": 0.1}]
+    train_loop(module, x, y, ctx, groups, epochs=2, batch_size=8, g=torch.Generator().manual_seed(1))
+    clear_resident()
+    assert torch.isfinite(module.weight).all() and not torch.equal(module.weight.detach(), before)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_per_sample_loss_ranks_by_fp32_logits_under_bf16():
+    # ABL's 1 % and DBD/ASD's splits rank these losses; bf16 logits of 10-20 resolve only 0.06-0.125
+    num = Numerics.resolve(torch.device("cuda"), "bf16")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 64, generator=g), torch.randint(0, 10, (256,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10)
+    with torch.no_grad():
+        model.weight.mul_(20.0)  # logits of about +-10-20
+    want = F.cross_entropy(model(x), y, reduction="none")  # fp32, on the host
+    dtypes = []
+    model.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    got = per_sample_loss(model, (x, y), num)
+    assert dtypes and set(dtypes) == {torch.float32}
+    torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-4)

@@ -70,3 +70,42 @@ def test_badencoder_implant_on_cuda(compose_cfg):
     row = pipeline.run(compose_cfg([*CUDA, "encoder_attack=badencoder", "encoder_attack.epochs=1"]))
     assert "badencoder/shadow_bd_ref_cos" in row["diagnostics"]
     assert 0.0 <= row["metrics"]["asr"] <= 1.0
+
+
+def test_mask_and_inversion_loops_read_inputs_left_in_pinned_host_memory(monkeypatch):
+    """num.resident falls back to pinned host memory when a tensor does not fit on the device; the loops that index
+    it with indices drawn on the device (ANP's masks, RNP's/T-Core's recovery, T-Core's unlearning, NC's and DECREE's
+    inversion) move the index to the data (numerics.take) instead of raising a device mismatch."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import securetl.numerics as numerics
+    from securetl.defenses._inversion import invert_trigger
+    from securetl.defenses._pruning import mask_bns, masked_bns, recover_masks, unlearn_per_step
+    from securetl.defenses.anp import optimize_masks
+    from securetl.probe import _Tail
+
+    monkeypatch.setattr(numerics, "RESIDENT_SHARE", 0.0)  # nothing fits: resident = pinned host memory
+    numerics.clear_resident()
+    ctx = _ctx()
+    num = ctx.num
+    g = torch.Generator().manual_seed(0)
+    enc = cifar_resnet18(4).eval()
+    x, y = torch.rand(16, 3, 16, 16, generator=g), torch.arange(16) % 10
+    with torch.no_grad():
+        acts = enc.forward_until(x, 3)  # host activations entering the top two stages
+    assert num.resident(acts).device.type == "cpu"  # the fallback under test
+    tail = num.module(mask_bns(_Tail(enc, 3, nn.Linear(enc.feat_dim, 10)), mask_bias=False, noise=True))
+    optimize_masks(tail, acts, y, g, iterations=2, batch_size=8, num=num)
+    recover_masks(tail, acts, y, g, epochs=1, batch_size=8, num=num)
+    params = [m.weight for _, m in masked_bns(tail)]
+    unlearn_per_step(tail, acts, y, g, params, threshold=0.0, max_steps=2, batch_size=8, num=num)
+    net = num.module(nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)))
+
+    def objective(xb):
+        loss = F.cross_entropy(net(xb).float(), torch.zeros(len(xb), dtype=torch.long, device=xb.device))
+        return loss, torch.zeros((), device=xb.device)
+
+    inv = invert_trigger(objective, (x * 255).to(torch.uint8), ctx, g, epochs=1, batch_size=8, success=0.9)
+    assert inv.epochs == 1 and torch.isfinite(inv.mask).all()
+    numerics.clear_resident()
