@@ -180,7 +180,9 @@ def test_mask_bns_keeps_timms_bn_act_and_refuses_what_it_cannot_mask():
                 m.running_mean.copy_(torch.randn(4, generator=g))
     x = torch.randn(2, 3, 6, 6, generator=g)
     want = net(x)
-    masked = mask_bns(copy.deepcopy(net), mask_bias=False, noise=True).eval()  # new modules start in train mode
+    masked = mask_bns(
+        copy.deepcopy(net), mask_bias=False, noise=True
+    ).eval()  # new modules start in train mode
     assert isinstance(masked[1], MaskedBN) and masked[1].carries_act and isinstance(masked[1].act, nn.ReLU)
     assert isinstance(masked[3], MaskedBN) and not masked[3].carries_act
     assert torch.equal(masked(x), want)
