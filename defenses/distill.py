@@ -57,6 +57,7 @@ from securetl.cache import config_hash
 from securetl.encoders.obtain import digest
 from securetl.encoders.resnet import Encoder, build_encoder
 from securetl.interfaces import Defense, Knowledge, LabeledSet, Model, RunContext
+from securetl.numerics import take
 from securetl.probe import Probe, trainable_copy
 from securetl.progress import bar_disabled
 from securetl.ssl.augment import SimCLRAugment
@@ -416,7 +417,9 @@ class Distillation(Defense):
         while done < steps:
             perm = num.put(torch.randperm(n, generator=g))
             for b in range(min(per_epoch, steps - done)):
-                xb = num.batch(src[perm[b * s.batch_size : (b + 1) * s.batch_size]])
+                xb = num.batch(
+                    take(src, perm[b * s.batch_size : (b + 1) * s.batch_size])
+                )  # src may be pinned host memory
                 v1, v2 = aug(xb, g_aug, size), aug(xb, g_aug, size)
                 with num.autocast():
                     loss = self.step_loss(method, teacher, v1, v2)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from securetl.interfaces import RunContext
+from securetl.numerics import take
 from securetl.progress import bar_disabled
 from securetl.ssl.augment import SimCLRAugment
 from securetl.ssl.methods import build_method
@@ -73,10 +74,10 @@ def pretrain(
                     group["lr"] = lr * factor
             idx = order[s * batch_size : (s + 1) * batch_size]
             if len(groups) == 1:
-                parts = [num.batch(resident[0][idx])]
+                parts = [num.batch(take(resident[0], idx))]  # take: resident may be pinned host memory
             else:
                 parts = [
-                    num.batch(res[num.put(idx[(idx >= lo) & (idx < hi)] - lo)])
+                    num.batch(take(res, idx[(idx >= lo) & (idx < hi)] - lo))
                     for res, lo, hi in zip(resident, starts[:-1], starts[1:])
                     if ((idx >= lo) & (idx < hi)).any()
                 ]
