@@ -79,6 +79,20 @@ def test_a_row_points_to_its_hydra_output_folder(env, tmp_path):
     assert (out_dir / ".hydra" / "overrides.yaml").exists() and (out_dir / "run.log").exists()
 
 
+def test_git_sha_of_a_copy_outside_a_checkout_comes_from_the_environment(monkeypatch):
+    from securetl import results
+
+    not_a_repo = lambda args, **kw: subprocess.CompletedProcess(args, 128, stdout="", stderr="fatal")  # noqa: E731
+    monkeypatch.setattr(results.subprocess, "run", not_a_repo)
+    monkeypatch.delenv("SECURETL_SOURCE_SHA", raising=False)
+    assert results.git_sha() == "unknown"
+    monkeypatch.setenv("SECURETL_SOURCE_SHA", "184b64a")
+    assert results.git_sha() == "184b64a"
+    in_a_repo = lambda args, **kw: subprocess.CompletedProcess(args, 0, stdout="0c00e5e\n")  # noqa: E731
+    monkeypatch.setattr(results.subprocess, "run", in_a_repo)
+    assert results.git_sha() == "0c00e5e"  # a checkout says what it is, whatever the environment says
+
+
 def test_git_dirty_follows_the_tree(tmp_path, monkeypatch):
     from securetl import results
 

@@ -120,6 +120,10 @@ def load_row(raw_dir: Path, rid: str) -> dict | None:
 
 
 def git_sha() -> str:
+    """The checkout's commit; outside a checkout (a `git archive` copy frozen for a long sweep, so that edits to
+    the repository cannot reach the running jobs) the commit that copy was made from, as SECURETL_SOURCE_SHA
+    says; else "unknown"."""
+    fallback = os.environ.get("SECURETL_SOURCE_SHA", "").strip() or "unknown"
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -128,9 +132,9 @@ def git_sha() -> str:
             timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
-        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
+    return (out.stdout.strip() if out.returncode == 0 else "") or fallback
 
 
 def _rss_mb() -> float | None:
