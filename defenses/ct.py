@@ -106,6 +106,11 @@ def _outputs(module, x, device, batch: int = 1024) -> Tensor:
     return torch.cat([module(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
 
 
+def _middle(m: int, rate: float) -> tuple[int, int]:
+    """Start and end of the middle `rate` of a class's m samples ranked by loss: the reference's chunklet slice."""
+    return int(m / 2 - m * rate / 2), int(m / 2 + m * rate / 2)
+
+
 def _penultimate(module: nn.Module, x: Tensor, device) -> Tensor:
     """The module's own penultimate layer, what enters its last linear layer (the reference's return_hidden):
     under an MLP head its hidden activation; under a linear head the head's input (Scope.penultimate: the frozen
@@ -212,6 +217,19 @@ class ConfusionTraining(DetectionDefense):
         dev, k = ctx.device, ctx.num_classes
         g = ctx.generator(salt=5101)
         torch.manual_seed(ctx.seed * 10 + 5)
+        # the chunklet is the middle of each class's ranking over all of D, so its size is known before training:
+        # refuse here what _identify would refuse after every round of confusion training
+        rate = self.median_sample_rate
+        short = [
+            c
+            for c, m in enumerate(torch.bincount(train.y, minlength=k).tolist())
+            if len(range(*_middle(m, rate))) < 2
+        ]
+        if short:
+            raise ValueError(
+                f"CT: the clean chunklet would hold fewer than 2 samples of classes {short} (too few samples per "
+                "class for median_sample_rate; raise defense.median_sample_rate)"
+            )
         scope = Scope.of(encoder, probe, train.x, ctx)  # from the received encoder, as the final probe
         xd, yd = scope.inputs, train.y
         xc, yc = scope.inputs_for(ctx.clean.x, ctx), ctx.clean.y
@@ -255,9 +273,7 @@ class ConfusionTraining(DetectionDefense):
             else:
                 parts = []
                 for c in range(k):
-                    m = len(per_class[c])
-                    st = int(m / 2 - m * self.median_sample_rate / 2)
-                    ed = int(m / 2 + m * self.median_sample_rate / 2)
+                    st, ed = _middle(len(per_class[c]), self.median_sample_rate)
                     parts.append(per_class[c][st:ed])
                 chunklet = torch.cat(parts)
         self.decisions["ct_chunklet_idx"] = chunklet
