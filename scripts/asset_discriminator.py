@@ -40,8 +40,10 @@ def main() -> None:
     is_poison = torch.zeros(len(fd), dtype=torch.bool)
     is_poison[p.poisoned.poison_idx] = True
     print(" ".join(args.overrides))
-    print(f"{len(fd)} training samples, {int(is_poison.sum())} poisons; base set {len(fb)}; features {fd.shape[1]}-d, "
-          f"raw mean {float(fd.mean()):.3f} std {float(fd.std()):.3f}")
+    print(
+        f"{len(fd)} training samples, {int(is_poison.sum())} poisons; base set {len(fb)}; features {fd.shape[1]}-d, "
+        f"raw mean {float(fd.mean()):.3f} std {float(fd.std()):.3f}"
+    )
     mean, std = fb.mean(0), fb.std(0).clamp_min(1e-6)
     scalings = {"standardised": ((fd - mean) / std, (fb - mean) / std), "raw": (fd, fb)}
     bs = asset.batch_size
@@ -59,10 +61,16 @@ def main() -> None:
                 ao = adjusted_outlyingness(s) > asset.outlyingness
                 m = is_poison[bi].numpy()
                 gaps.append(s[m].mean() - s[~m].mean() if m.any() else np.nan)
-                passed, passed_poison, poisons = passed + ao.sum(), passed_poison + (ao & m).sum(), poisons + m.sum()
-            print(f"  {name:12s} V steps {steps:5d}: V(poison) - V(clean) {np.nanmean(gaps):+.4f}; AO > "
-                  f"{asset.outlyingness:g}: {passed} samples, {passed_poison} of {poisons} poisons "
-                  f"({args.batches} batches of {bs})")
+                passed, passed_poison, poisons = (
+                    passed + ao.sum(),
+                    passed_poison + (ao & m).sum(),
+                    poisons + m.sum(),
+                )
+            print(
+                f"  {name:12s} V steps {steps:5d}: V(poison) - V(clean) {np.nanmean(gaps):+.4f}; AO > "
+                f"{asset.outlyingness:g}: {passed} samples, {passed_poison} of {poisons} poisons "
+                f"({args.batches} batches of {bs})"
+            )
 
 
 if __name__ == "__main__":
