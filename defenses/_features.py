@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,10 +76,24 @@ def reference_model(encoder: nn.Module, train: LabeledSet, probe: Probe, ctx: Ru
             model = _m0_skeleton(encoder, probe, state, ctx)
             model.load_state_dict(state, strict=True)
             _set_rng(rng)
+            _record_m0(ctx, True, (cache.load_meta("m0", key) or {}).get("seconds"))
             return ctx.num.module(model.eval())
+        start = time.perf_counter()
         model = probe.fit(encoder, train, ctx)
-        cache.save_state("m0", key, {**model.state_dict(), **_get_rng()}, {"probe": plain(vars(probe))})
+        seconds = round(time.perf_counter() - start, 3)
+        meta = {"probe": plain(vars(probe)), "seconds": seconds}
+        cache.save_state("m0", key, {**model.state_dict(), **_get_rng()}, meta)
+        _record_m0(ctx, False, seconds)
         return model
+
+
+def _record_m0(ctx: RunContext, cached: bool, seconds: float | None) -> None:
+    """Whether M0 came from the cache and what training it cost (when that run trained it), so that a method's
+    cost can be charged the same whichever method of a sweep trained the shared M0 first: `time:defense`
+    includes M0's training only in the run that trained it."""
+    ctx.diagnostics["m0/cached"] = cached
+    if seconds is not None:
+        ctx.diagnostics["m0/seconds"] = seconds
 
 
 _RNG = "_rng/"
