@@ -86,3 +86,20 @@ def test_replay_reproduces_the_rows_model_and_draws_curves_and_embeddings(compos
     assert json.loads(side.read_text())["epochs"] == record["epochs"]
     assert plots.plot_curves(record, tmp_path / "c.png").stat().st_size > 10_000
     assert plots.plot_embeddings(rep, tmp_path / "e.png").stat().st_size > 10_000
+
+
+def test_acc_vs_asr_of_many_defenses_is_one_panel_per_threat_with_distinct_styles():
+    import pandas as pd
+
+    defenses = [f"d{i}" for i in range(17)]
+    threats = ["clean", "t1", "t2"]
+    index = pd.MultiIndex.from_product([threats, defenses], names=["threat", "defense"])
+    cols = pd.MultiIndex.from_product([["acc", "asr"], ["mean", "std"]])
+    long = pd.DataFrame(0.5, index=index, columns=cols)
+    fig = plots.acc_asr_figure(long, ["threat", "defense"], "many")
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert sorted(ax.get_title() for ax in visible) == [f"threat={t}" for t in sorted(threats)]
+    assert all(len(ax.lines) >= len(defenses) for ax in visible)  # every defense has its point in every panel
+    (legend,) = fig.legends
+    styles = {(tuple(h.get_color()), h.get_marker()) for h in legend.legend_handles}
+    assert len(styles) == len(defenses) == len(legend.legend_handles)  # no two defenses look alike

@@ -62,8 +62,14 @@ def acc_asr_points(name: str, results_dir: Path | None = None, conf_dir: Any = C
 
 
 def plot_acc_asr(long, keys: list[str], title: str, out: Path) -> Path:
-    """One point per cell: x = ASR, y = ACC (%), error bars = std over seeds; a colour per defense (or per
-    value of the first key), a marker per value of the next key (the threat)."""
+    """`acc_asr_figure`, written to `out`."""
+    return _save(acc_asr_figure(long, keys, title), out)
+
+
+def acc_asr_figure(long, keys: list[str], title: str):
+    """One point per cell: x = ASR, y = ACC (%), error bars = std over seeds, a colour (and, past ten, a marker)
+    per defense (or per value of the first key). With a second key (the threat) and more points than one panel
+    holds legibly, one panel per value of that key; otherwise one panel and a marker per value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,52 +78,85 @@ def plot_acc_asr(long, keys: list[str], title: str, out: Path) -> Path:
     cells = [dict(zip(keys, ix if isinstance(ix, tuple) else (ix,))) for ix in long.index]
     values = {f"{m}_{s}": long[(m, s)].tolist() for m in ("acc", "asr") for s in ("mean", "std")}
     colour_key = "defense" if "defense" in keys else keys[0]
-    marker_key = next((k for k in keys if k != colour_key), None)
-    colours = {
-        v: plt.cm.tab10(i % 10) for i, v in enumerate(dict.fromkeys(str(c[colour_key]) for c in cells))
-    }
+    panel_key = next((k for k in keys if k != colour_key), None)
+    series = list(dict.fromkeys(str(c[colour_key]) for c in cells))
+    groups = list(dict.fromkeys(str(c[panel_key]) for c in cells)) if panel_key else [None]
+    palette = plt.cm.tab20 if len(series) > 10 else plt.cm.tab10
     markers = "osD^v<>Pp*hX"
-    shapes = {}
-    if marker_key is not None:
-        order = dict.fromkeys(str(c[marker_key]) for c in cells)
-        shapes = {v: markers[i % len(markers)] for i, v in enumerate(order)}
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    # past ten series a colour alone is ambiguous: the marker changes with each round of the palette
+    style = {
+        v: (palette(i % palette.N), markers[(i // 10) % len(markers)] if len(series) > 10 else "o")
+        for i, v in enumerate(series)
+    }
+    facets = panel_key is not None and len(groups) > 1 and len(cells) > 30
+    if facets:
+        ncols = min(3, len(groups))
+        nrows = math.ceil(len(groups) / ncols)
+        fig, axes = plt.subplots(
+            nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False, sharex=True, sharey=True
+        )
+        panels = {g: ax for g, ax in zip(groups, axes.flat)}
+        for ax in list(axes.flat)[len(groups) :]:
+            ax.set_visible(False)
+    else:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        panels = {g: ax for g in groups}
+        shapes = {g: markers[i % len(markers)] for i, g in enumerate(groups)} if panel_key else {}
     for i, cell in enumerate(cells):
-        c, m = str(cell[colour_key]), str(cell[marker_key]) if marker_key else None
+        c = str(cell[colour_key])
+        g = str(cell[panel_key]) if panel_key else None
+        colour, marker = style[c]
+        if not facets and panel_key:
+            marker = shapes[g]
         std = [0.0 if math.isnan(v) else 100 * v for v in (values["asr_std"][i], values["acc_std"][i])]
-        ax.errorbar(
+        panels[g].errorbar(
             100 * values["asr_mean"][i],
             100 * values["acc_mean"][i],
             xerr=std[0],
             yerr=std[1],
-            fmt=shapes.get(m, "o"),
-            color=colours[c],
-            markersize=7,
-            capsize=3,
+            fmt=marker,
+            color=colour,
+            markersize=6 if facets else 7,
+            capsize=2 if facets else 3,
             alpha=0.9,
         )
-    handles = [plt.Line2D([], [], color=col, marker="o", ls="", label=v) for v, col in colours.items()]
+    for g, ax in panels.items():
+        ax.set_xlim(-3, 103)
+        ax.grid(alpha=0.3)
+        if facets:
+            ax.set_title(f"{panel_key}={g}", fontsize=9)
+            ax.set_xlabel("ASR (%)", fontsize=8)
+            ax.set_ylabel("ACC (%)", fontsize=8)
+            ax.tick_params(labelsize=7)
+    first = next(iter(panels.values()))
+    handles = [plt.Line2D([], [], color=col, marker=mk, ls="", label=v) for v, (col, mk) in style.items()]
     # legends outside the axes: a point in a corner is not hidden behind them
-    legend = ax.legend(
-        handles=handles, title=colour_key, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8
-    )
-    if shapes:
-        ax.add_artist(legend)
-        more = [plt.Line2D([], [], color="grey", marker=s, ls="", label=v) for v, s in shapes.items()]
-        ax.legend(handles=more, title=marker_key, loc="lower left", bbox_to_anchor=(1.02, 0), fontsize=8)
-    ax.set_xlabel("ASR (%)  — lower is better")
-    ax.set_ylabel("ACC (%)  — higher is better")
-    ax.set_xlim(-3, 103)
-    ax.set_title(title + " (mean ± std over seeds)", fontsize=10)
-    ax.grid(alpha=0.3)
-    return _save(fig, out)
+    if facets:
+        fig.legend(
+            handles=handles, title=colour_key, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8
+        )
+        fig.suptitle(title + " (mean ± std over seeds; ASR lower and ACC higher are better)", fontsize=10)
+    else:
+        legend = first.legend(
+            handles=handles, title=colour_key, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8
+        )
+        if shapes:
+            first.add_artist(legend)
+            more = [plt.Line2D([], [], color="grey", marker=s, ls="", label=v) for v, s in shapes.items()]
+            first.legend(
+                handles=more, title=panel_key, loc="lower left", bbox_to_anchor=(1.02, 0), fontsize=8
+            )
+        first.set_xlabel("ASR (%)  — lower is better")
+        first.set_ylabel("ACC (%)  — higher is better")
+        first.set_title(title + " (mean ± std over seeds)", fontsize=10)
+    return fig
 
 
 def _save(fig, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=150)
+    fig.savefig(out, dpi=150, bbox_inches="tight")  # legends placed outside the axes stay in the file
     import matplotlib.pyplot as plt
 
     plt.close(fig)
