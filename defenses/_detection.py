@@ -9,7 +9,7 @@ on `kept_idx`), after the defense has decided; the detector never sees `poison_i
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ class DetectionDefense(Defense):
     """Detection defenses override `detect`; `filter` turns its flags into kept indices."""
 
     # False for detectors that train their own models from the received encoder (CT): no M0 is trained
-    uses_reference_model: bool = True
+    uses_reference_model: ClassVar[bool] = True
 
     def detect(
         self, encoder: nn.Module, model: Model | None, train: LabeledSet, probe: Any, ctx: RunContext

@@ -463,6 +463,7 @@ class MaskPruning(Defense):
     `pruning_number` (BackdoorBench's answer to issue #35) is pruned without a sweep."""
 
     knowledge = Knowledge(clean_fraction=0.05, needs_clean=True)
+    uses_reference_model = True
     salt: ClassVar[int] = 0
     noise: ClassVar[bool] = False  # the masked copy carries ANP's noise
 

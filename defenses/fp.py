@@ -66,6 +66,7 @@ def first_linear(head: nn.Module) -> nn.Linear:
 class FinePruning(Defense):
     name = "fp"
     knowledge = Knowledge(clean_fraction=0.05, needs_clean=True)
+    uses_reference_model = True
 
     def __init__(
         self,

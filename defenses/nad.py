@@ -96,6 +96,7 @@ class _Selection:
 class NAD(Defense):
     name = "nad"
     knowledge = Knowledge(clean_fraction=0.05, needs_clean=True)
+    uses_reference_model = True
 
     def __init__(
         self,

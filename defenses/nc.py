@@ -89,6 +89,7 @@ def unlearning_set(
 class NeuralCleanse(Defense):
     name = "nc"
     knowledge = Knowledge(clean_fraction=0.05, needs_clean=True)
+    uses_reference_model = True
 
     def __init__(
         self,

@@ -276,3 +276,68 @@ def test_markdown_formats_every_number_alike_and_counts_the_real_seeds(tmp_path)
     assert "one seed." in md
     row = next(line for line in md.splitlines() if line.startswith("| none"))
     assert re.search(r"\|\s*88\.60\s*\|\s*0\.00\s*\|", row), row
+
+
+def _summarize_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "summarize_defenses", ROOT / "scripts" / "summarize_defenses.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_defense_summary_charges_m0_to_its_users_and_counts_what_a_split_set_apart():
+    """ASR is averaged over the attacked threats only; an isolated set's precision and recall are its poisons over
+    its size and over all poisons; M0's training (cached after the first run of a cell) is charged to a method
+    that starts from M0 and not to one that does not, and a run that trained M0 is not charged twice."""
+    import pandas as pd
+
+    summarize = _summarize_script().summarize
+    rows = []
+    for threat, asr in (("clean", None), ("t2_badnets", 0.8), ("t2_blended", 0.6)):
+        poisons = 0 if threat == "clean" else 400
+        rows += [
+            {
+                "threat": threat,
+                "defense": "none",
+                "acc": 0.9,
+                "asr": asr,
+                "time:defense": 40.0,
+                "defense._target_": "securetl.interfaces.NoDefense",
+                "diag:n_poison": poisons,
+            },
+            {
+                "threat": threat,
+                "defense": "abl",
+                "acc": 0.5,
+                "asr": None if asr is None else asr / 2,
+                "time:defense": 40.0,
+                "defense._target_": "securetl.defenses.abl.ABL",
+                "diag:n_poison": poisons,
+                "diag:isolated/n_poison": 0 if threat == "clean" else 10,
+                "diag:isolated/size": 40,
+            },
+            # the first fp run trained M0 (50 s inside its 130 s), the others found it in the cache
+            {
+                "threat": threat,
+                "defense": "fp",
+                "acc": 0.8,
+                "asr": asr,
+                "time:defense": 130.0 if threat == "clean" else 80.0,
+                "defense._target_": "securetl.defenses.fp.FinePruning",
+                "diag:n_poison": poisons,
+                "diag:m0/cached": threat != "clean",
+                "diag:m0/seconds": 50.0,
+            },
+        ]
+    out = summarize(pd.DataFrame(rows), ["defense"])
+    assert out.loc["none", "ASR"] == pytest.approx(70.0) and out.loc["abl", "ASR"] == pytest.approx(35.0)
+    assert out.loc["abl", "isolated poisons/size"] == "20/80"
+    assert out.loc["abl", "isolated precision"] == pytest.approx(0.25)
+    assert out.loc["abl", "isolated recall"] == pytest.approx(20 / 800)
+    assert out.loc["abl", "M0 s"] == 0 and out.loc["abl", "x none"] == pytest.approx(1.0)
+    assert out.loc["fp", "own s"] == pytest.approx(80.0) and out.loc["fp", "M0 s"] == pytest.approx(50.0)
+    assert out.loc["fp", "x none"] == pytest.approx(130 / 40)

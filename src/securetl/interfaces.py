@@ -259,6 +259,9 @@ class Defense:
 
     name: ClassVar[str] = "base"
     knowledge: Knowledge = Knowledge()  # the class's declaration; an instance may override clean_fraction
+    # starts from M0, the probe trained on D (shared by a cell's methods and cached, so only the first run of a
+    # sweep pays for it: a cost report charges it to every method that declares it)
+    uses_reference_model: ClassVar[bool] = False
 
     def __init__(self, clean_fraction: float | None = None) -> None:
         """`clean_fraction` (config `defense.clean_fraction`): overrides the declared share of clean data."""

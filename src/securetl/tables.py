@@ -283,11 +283,8 @@ def seeds_note(counts: Sequence[int]) -> str:
 OPTIONAL_PRESETS = ("threat", "ablation", "variant")
 
 
-def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
-    """(display table, missing cells, long-form numbers)."""
-    rows = list(report.get("rows", []))
-    cols = list(report.get("cols", []))
-    metrics = list(report.get("metrics", ["acc", "asr"]))
+def select_rows(df: pd.DataFrame, report: dict, sweep: dict) -> pd.DataFrame:
+    """The flattened rows that belong to a preset's table: its `where`, its sweep's choices, one row per seed."""
     where = dict(report.get("where", {}))
     for k, v in where.items():
         if k in df:
@@ -303,8 +300,17 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
             df = df[df[k].astype(str).isin(vals)]
     if "seed" in sweep and "seed" in df:
         df = df[df["seed"].astype(str).isin(sweep["seed"])]
+    keys = [*report.get("rows", []), *report.get("cols", [])]
+    return prefer_plain_rows(df, [k for k in keys if k in df] + ["seed"])
+
+
+def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
+    """(display table, missing cells, long-form numbers)."""
+    rows = list(report.get("rows", []))
+    cols = list(report.get("cols", []))
+    metrics = list(report.get("metrics", ["acc", "asr"]))
     keys = rows + cols
-    df = prefer_plain_rows(df, [k for k in keys if k in df] + ["seed"])
+    df = select_rows(df, report, sweep)
     missing: list[str] = []
     grid_axes = [
         sweep.get(k) or sorted(df[k].astype(str).unique()) if k in df or k in sweep else [] for k in keys
@@ -397,6 +403,15 @@ def failed_cells(records: list[dict], report: dict, sweep: dict) -> dict[str, st
     return out
 
 
+def flatten_for(preset: dict, rows: list[dict], conf_dir: ConfDirs = CONF_DIR) -> pd.DataFrame:
+    """`rows` flattened with the columns a preset's report and sweep name."""
+    report, sweep = preset["report"], preset["sweep"]
+    keys = [*report.get("rows", []), *report.get("cols", []), *report.get("where", {}), *sweep]
+    # dotted config keys, not group overrides such as `trigger@eval.reference_trigger`
+    config_keys = [k for k in keys if "." in k and "@" not in k]
+    return flatten(rows, config_keys, described=set(keys), defaults=run_defaults(conf_dir))
+
+
 def render(
     name: str, results_dir: Path | None = None, conf_dir: ConfDirs = CONF_DIR, out_dir: Path | None = None
 ) -> str:
@@ -410,11 +425,7 @@ def render(
             f"securetl-table: no rows under {results_dir / 'raw'}; run `securetl table={name}` first "
             "(with the same SECURETL_ROOT / SECURETL_RESULTS_DIR, or pass --results-dir)"
         )
-    keys = [*report.get("rows", []), *report.get("cols", []), *report.get("where", {}), *sweep]
-    # dotted config keys, not group overrides such as `trigger@eval.reference_trigger`
-    config_keys = [k for k in keys if "." in k and "@" not in k]
-    flat = flatten(rows, config_keys, described=set(keys), defaults=run_defaults(conf_dir))
-    disp, missing, long = build_table(flat, report, sweep)
+    disp, missing, long = build_table(flatten_for(preset, rows, conf_dir), report, sweep)
     out_dir = Path(out_dir or results_dir / "tables")
     out_dir.mkdir(parents=True, exist_ok=True)
     title = report.get("title", name)
