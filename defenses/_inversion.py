@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from securetl import guard
 from securetl.interfaces import RunContext
 from securetl.numerics import take
 
@@ -204,11 +205,14 @@ def invert_trigger(
     epoch_score = float("nan")
     ran = 0
     quiet = not ctx.progress or epochs * n < 200_000  # the caller's own bar covers short inversions
+    # a check per epoch: a non-finite mask or pattern would make every later L1 and score meaningless
+    watch = guard.Watch(desc, None, opt, record=ctx.diagnostics)
     for epoch in tqdm(range(epochs), desc=desc, disable=quiet, leave=False):
         ran = epoch + 1
         if lr_at is not None:
             for group in opt.param_groups:
-                group["lr"] = lr_at(epoch)
+                group["lr"] = lr_at(epoch) * watch.shrink**watch.triggers
+        watch.begin()
         scores, l1s = [], []
         perm = num.put(torch.randperm(n, generator=g))
         for s in range(0, n, batch_size):
@@ -219,6 +223,7 @@ def invert_trigger(
             with num.autocast():
                 loss, score = objective(stamp(xb, mask, pattern))
             loss = loss.float() + schedule.value * l1
+            watch.observe(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -228,6 +233,11 @@ def invert_trigger(
                 schedule.update(sc >= success)
             scores.append(score.detach().float())
             l1s.append(l1.detach())
+        verdict = watch.end(epoch + 1)
+        if verdict == guard.STOP:
+            break
+        if verdict == guard.RETRY:  # back at the last finite mask and pattern; this epoch's numbers are void
+            continue
         epoch_score, epoch_l1 = torch.stack([torch.stack(scores).mean(), torch.stack(l1s).mean()]).tolist()
         if not per_step:
             with torch.no_grad():

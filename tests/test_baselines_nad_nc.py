@@ -183,6 +183,30 @@ def test_inversion_finds_the_smallest_mask_an_objective_needs(per_step):
     )  # an empty mask leaves the image as it was
 
 
+def test_inversion_recovers_from_a_non_finite_loss_and_records_it():
+    """The shared inversion (NC, DECREE) is guarded like every training loop: a NaN loss in one epoch sends the mask
+    and pattern back to the last finite state with a smaller step, the row records it, and the result is finite."""
+    g = torch.Generator().manual_seed(0)
+    images = to_uint8(0.3 * torch.rand(64, 3, 8, 8, generator=g))
+    calls = {"n": 0}
+
+    def corner(xs):
+        calls["n"] += 1
+        v = xs[:, :, :2, :2].mean()
+        poison = float("nan") if 18 <= calls["n"] < 20 else 0.0  # two bad batches of epoch 5 (4 a epoch)
+        return -v + poison, v
+
+    ctx = _ctx()
+    inv = invert_trigger(
+        corner, images, ctx, torch.Generator().manual_seed(1), epochs=40, batch_size=16, success=0.9,
+        stop=EarlyStop(patience=None), desc="nc/invert",
+    )  # fmt: skip
+    assert ctx.diagnostics["guard/nc/invert/triggers"] == 1
+    assert ctx.diagnostics["guard/nc/invert"][0]["what"] == "non-finite loss"
+    assert torch.isfinite(inv.mask).all() and torch.isfinite(inv.pattern).all()
+    assert inv.found and inv.score >= 0.9
+
+
 K, SIDE, TARGET, ROW, COL = 6, 16, 2, 12, 12  # the planted 3x3 patch covers rows 12-14, columns 12-14
 
 
