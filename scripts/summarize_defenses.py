@@ -15,7 +15,7 @@ Reads the rows of a preset whose report rows are (threat, defense) (plus any col
 - cost: the median seconds of the defense phase without M0 ("own s"), the shared reference model M0's training
   ("M0 s", charged to every method whose class declares `uses_reference_model`: a sweep trains M0 once per cell and
   caches it, so `time:defense` holds it only in the run that trained it), and their sum over no defense's median
-  (whose training is M0's).
+  (whose training is M0's; M0's own median where the preset has no no-defense rows).
 
 `--runs` adds one line per Neural Cleanse run: its anomaly index, the flagged classes and whether the attack's
 target is among them (the target is read here, for the report only; NC never sees it).
@@ -77,6 +77,8 @@ def summarize(df: pd.DataFrame, keys: list[str], baseline: str = "none") -> pd.D
     m0_recorded = df.get("diag:m0/seconds", pd.Series(dtype=float)).dropna()
     # M0 is the probe trained on D: no defense's own training, where no row recorded M0's time
     m0_seconds = float(m0_recorded.median()) if len(m0_recorded) else base_seconds
+    if math.isnan(base_seconds):  # a preset without no-defense rows: M0's training is no defense's training
+        base_seconds = m0_seconds
     for name, g in df.groupby(keys, sort=False):
         name = name if isinstance(name, tuple) else (name,)
         attacked = g[g["threat"] != "clean"]
