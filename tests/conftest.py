@@ -14,6 +14,18 @@ from hydra.core.global_hydra import GlobalHydra
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 CONF = ROOT / "conf"
 
 # Sizes that keep an end-to-end run to a few seconds on 2 CPU cores.

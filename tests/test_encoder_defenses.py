@@ -11,7 +11,6 @@ split, act on the verdict as configured, and refuse clean_fraction=0."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 from securetl.cache import Cache
 from securetl.defenses import decree as decree_mod
 from securetl.defenses.decree import DECREE, Abstain, pl1, self_cosine
@@ -389,12 +388,7 @@ def test_refuses_clean_fraction_zero(compose_cfg, method, make):
 
 # --------------------------------------------------------------------------- calibration and the tables
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "decree_calibrate", ROOT / "scripts" / "decree_calibrate.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("decree_calibrate")
 
 
 def test_threshold_rules_and_the_delta_they_write(tmp_path):

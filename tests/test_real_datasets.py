@@ -10,7 +10,6 @@ match the official checksums); a separate test shows `verify=true` rejects them.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import pickle
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import load_script
 from securetl.build import build
 from securetl.data.real import IMAGENET10_CLASSES
 from securetl.validate import ConfigError
@@ -389,10 +388,7 @@ def test_download_failure_says_where_to_put_the_files(compose_cfg, data_dir, mon
 
 # --------------------------------------------------------------------------- scripts/prepare_data.py
 def run_prepare_data(args: list[str], capsys) -> tuple[int, str]:
-    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "scripts" / "prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    code = mod.main(args)
+    code = load_script("prepare_data").main(args)
     return code, capsys.readouterr().out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 BIN = Path(sys.executable).parent
 
@@ -278,24 +278,13 @@ def test_markdown_formats_every_number_alike_and_counts_the_real_seeds(tmp_path)
     assert re.search(r"\|\s*88\.60\s*\|\s*0\.00\s*\|", row), row
 
 
-def _summarize_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "summarize_defenses", ROOT / "scripts" / "summarize_defenses.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_defense_summary_charges_m0_to_its_users_and_counts_what_a_split_set_apart():
     """ASR is averaged over the attacked threats only; an isolated set's precision and recall are its poisons over
     its size and over all poisons; M0's training (cached after the first run of a cell) is charged to a method
     that starts from M0 and not to one that does not, and a run that trained M0 is not charged twice."""
     import pandas as pd
 
-    summarize = _summarize_script().summarize
+    summarize = load_script("summarize_defenses").summarize
     rows = []
     for threat, asr in (("clean", None), ("t2_badnets", 0.8), ("t2_blended", 0.6)):
         poisons = 0 if threat == "clean" else 400
