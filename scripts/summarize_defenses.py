@@ -11,7 +11,7 @@ Reads the rows of a preset whose report rows are (threat, defense) (plus any col
 - what a suppression method set apart, over the rows whose D holds poisons: `isolated/*` (ABL's unlearned set),
   `unlabelled/*` (DBD's and ASD's unlabelled part) as poisons in it / its size (precision) and its share of all
   the poisons (recall);
-- mean pruned channels (`*/pruned`: FP, ANP, RNP) and unlearned channels where a method records them;
+- mean pruned channels (`*/pruned`: FP, ANP, RNP);
 - cost: the median seconds of the defense phase without M0 ("own s"), the shared reference model M0's training
   ("M0 s", charged to every method whose class declares `uses_reference_model`: a sweep trains M0 once per cell and
   caches it, so `time:defense` holds it only in the run that trained it), and their sum over no defense's median
@@ -101,7 +101,7 @@ def summarize(df: pd.DataFrame, keys: list[str], baseline: str = "none") -> pd.D
                 rec[f"{s} poisons/size"] = f"{int(p[n].sum())}/{int(p[size].sum())}"
                 rec[f"{s} precision"] = p[n].sum() / max(p[size].sum(), 1)
                 rec[f"{s} recall"] = p[n].sum() / max(p["diag:n_poison"].sum(), 1)
-        for col in sorted(c for c in g if c.endswith("/pruned") or c.endswith("/unlearned_channels")):
+        for col in sorted(c for c in g if c.endswith("/pruned")):
             if g[col].notna().any():
                 rec[col.removeprefix("diag:")] = g[col].mean()
         rec["own s"] = float(_own_seconds(g).median())
@@ -130,9 +130,7 @@ def nc_runs(rows: list[dict]) -> pd.DataFrame:
                 "flagged": flagged,
                 "target": target,
                 "target flagged": None if target is None else target in flagged,
-                "ASR": 100 * r["metrics"].get("asr", math.nan)
-                if r["metrics"].get("asr") is not None
-                else None,
+                "ASR": None if r["metrics"].get("asr") is None else 100 * r["metrics"]["asr"],
             }
         )
     return pd.DataFrame(out).sort_values(["threat", "seed"]) if out else pd.DataFrame()
