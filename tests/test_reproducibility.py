@@ -116,3 +116,64 @@ def test_the_table_tool_points_out_a_cell_with_mixed_numerics(tmp_path):
     assert "different numerics" in md and "cpu fp32, 1 threads / cpu fp32, 2 threads" in md
     (raw / "r1.json").unlink()
     assert "different numerics" not in render("demo", tmp_path)
+
+
+def _demo_row(run_id: str, seed: int, **extra) -> dict:
+    return {
+        "run_id": run_id,
+        "seed": seed,
+        "choices": {
+            "dataset": "synthetic",
+            "encoder": "synthetic_simclr_resnet18",
+            "encoder_attack": "none",
+            "data_attack": "none",
+            "defense": "none",
+            "probe": "finetune_short",
+            "threat": "None",
+            "ablation": "None",
+        },
+        "metrics": {"acc": 0.5, "asr": 0.01, "asr/reference": 0.01},
+        "numerics": {"device": "cpu", "precision": "fp32", "threads": 1},
+        "config": {"encoder": {"seed": 0, "width": 64}, "dataset": {"n_train": 4000}},
+        "overrides": [],
+    } | extra
+
+
+def test_the_table_tool_points_out_rows_of_one_encoder_setting_built_from_other_weights(tmp_path):
+    """Session 19's machine built the default encoder from the same config as another key (other weights):
+    a table that mixes such rows says so, naming the keys."""
+    from securetl.tables import render
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [
+        _demo_row("r0", 0, cache_keys={"encoder": "aaaa"}),
+        _demo_row("r1", 0, cache_keys={"encoder": "aaaa"}),
+        # an implant starts from the clean encoder: its base key must be the clean rows' key
+        _demo_row("r2", 0, cache_keys={"encoder": "bbbb", "implanted": "cccc"}),
+    ]
+    rows[1]["choices"]["data_attack"] = "badnets"
+    rows[2]["choices"]["encoder_attack"] = "badencoder"
+    for r in rows:
+        (raw / f"{r['run_id']}.json").write_text(json.dumps(r))
+    md = render("demo", tmp_path)
+    assert "started from different weights" in md and "`aaaa` (2 rows) / `bbbb` (1 rows)" in md
+    # another encoder setting (here its seed) under another key is no conflict
+    rows[2]["config"]["encoder"]["seed"] = 1
+    (raw / "r2.json").write_text(json.dumps(rows[2]))
+    assert "started from different weights" not in render("demo", tmp_path)
+
+
+def test_a_row_records_its_cpu_and_a_cell_from_two_cpus_is_pointed_out(tmp_path):
+    from securetl.results import machine
+    from securetl.tables import render
+
+    m = machine()
+    assert m["cpu"] and m["isa"] == torch.backends.cpu.get_cpu_capability()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for seed, isa in enumerate(["AVX2", "AVX512"]):
+        row = _demo_row(f"r{seed}", 0, machine={"cpu": "Some CPU", "isa": isa})
+        (raw / f"r{seed}.json").write_text(json.dumps(row))
+    md = render("demo", tmp_path)
+    assert "different numerics" in md and "Some CPU (AVX2) / cpu fp32, 1 threads, Some CPU (AVX512)" in md

@@ -247,12 +247,27 @@ def make_row(
         "device": str(device),
         "numerics": numerics or {"device": device.type},
         "host": platform.node(),
+        "machine": machine(),
         "torch": torch.__version__,
         "git_sha": git_sha(),
         "cache_keys": cache_keys,
         "overrides": list(overrides or []),
         "config": resolved(cfg, ("hydra", "paths")),
     } | row_metadata(cfg)
+
+
+def machine() -> dict[str, str]:
+    """The CPU a row was computed on: the same config gives other floats on another CPU (vectorised math and
+    convolution kernels are chosen per instruction set), so rows from two machines are not bit-comparable."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability()}
 
 
 def git_dirty() -> bool | None:

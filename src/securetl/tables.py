@@ -15,6 +15,7 @@ import argparse
 import collections
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import re
@@ -209,6 +210,7 @@ def flatten(
         if described is not None:
             rec["_extra"] = tuple(extra_overrides(r, described, defaults))
         rec["_numerics"] = numerics_label(r)
+        rec["_encoder_setting"], rec["_encoder_key"] = encoder_provenance(r)
         for k in config_keys:
             v = config_value(r.get("config") or {}, k)
             rec[k] = "None" if v is None else str(v)
@@ -225,13 +227,17 @@ def flatten(
 
 
 def numerics_label(row: dict) -> str:
-    """How a row was computed (device, precision, CPU threads): rows made under different numerics are
-    not bit-comparable, so a cell that mixes them is pointed out under the table."""
+    """How a row was computed (device, precision, CPU threads and, where recorded, the CPU): rows made under
+    different numerics are not bit-comparable, so a cell that mixes them is pointed out under the table."""
     n = row.get("numerics")
     if not isinstance(n, dict):  # rows written before the numerics were recorded
         return f"{str(row.get('device', '?')).split(':')[0]}, numerics not recorded"
     label = f"{n.get('device', '?')} {n.get('precision', '?')}"
-    return label + (f", {n['threads']} threads" if n.get("device") == "cpu" and "threads" in n else "")
+    label += f", {n['threads']} threads" if n.get("device") == "cpu" and "threads" in n else ""
+    m = row.get("machine")  # rows written before the machine was recorded say nothing of it
+    return label + (
+        f", {m.get('cpu')} ({m.get('isa')})" if isinstance(m, dict) and n.get("device") == "cpu" else ""
+    )
 
 
 def mixed_numerics(df: pd.DataFrame, keys: list[str]) -> list[str]:
@@ -246,6 +252,49 @@ def mixed_numerics(df: pd.DataFrame, keys: list[str]) -> list[str]:
         if len(kinds) > 1:
             cell = cell if isinstance(cell, tuple) else (cell,)
             out.append(", ".join(f"{k}={v}" for k, v in zip(by, cell)) + f": {' / '.join(kinds)}")
+    return out
+
+
+def encoder_provenance(row: dict) -> tuple[str, str]:
+    """(what should fix the row's starting encoder, the cache key of the encoder it started from). The key
+    hashes the encoder's settings, the pre-training images themselves and the numerics; two rows with the
+    same settings but another key started from other weights, because the images or the arithmetic differed:
+    the synthetic generator's float ops are not bit-identical on every CPU (session 19 built the default
+    encoder as 25466eb..., sessions 17, 18 and 20 as 29ab068... from one config)."""
+    keys = row.get("cache_keys") if isinstance(row.get("cache_keys"), dict) else {}
+    config = row.get("config") or {}
+    dataset = {k: v for k, v in (config.get("dataset") or {}).items() if k != "downstream"}  # downstream only
+    attack = (row.get("choices") or {}).get("encoder_attack", "none")
+    # a pre-training-data attack is in the encoder's key; an implant's base encoder is the clean one
+    poisons_pretraining = attack != "none" and "implanted" not in keys
+    setting = [
+        config.get("encoder"),
+        dataset,
+        row.get("numerics"),
+        config.get("encoder_attack") if poisons_pretraining else None,
+    ]
+    return json.dumps(setting, sort_keys=True, default=str), str(keys.get("encoder", ""))
+
+
+def mixed_encoders(df: pd.DataFrame) -> list[str]:
+    """One line per encoder setting that the table's rows started from under more than one cache key: the
+    cells of such a table compare models built from different weights (another machine's build)."""
+    if "_encoder_key" not in df or df.empty:
+        return []
+    out = []
+    for setting, group in df[df["_encoder_key"] != ""].groupby("_encoder_setting"):
+        counts = group["_encoder_key"].value_counts()
+        if len(counts) > 1:
+            enc = (json.loads(setting)[0] or {}).get("seed")
+            attacks = (
+                ", ".join(sorted(set(group["encoder_attack"].astype(str))))
+                if "encoder_attack" in group
+                else "?"
+            )
+            out.append(
+                f"encoder_attack={attacks}, encoder.seed={enc}: "
+                + " / ".join(f"`{k}` ({n} rows)" for k, n in counts.items())
+            )
     return out
 
 
@@ -332,6 +381,7 @@ def build_table(df: pd.DataFrame, report: dict, sweep: dict) -> tuple[pd.DataFra
     # settings the preset does not set, under which some of the kept rows ran (said under the table)
     long.attrs["extra"] = sorted({e for extra in df.get("_extra", []) for e in extra})
     long.attrs["mixed_numerics"] = mixed_numerics(df, keys)
+    long.attrs["mixed_encoders"] = mixed_encoders(df)
     # a cell's seeds: its rows (a metric a row lacks, such as an ASR a clean run has none of, is not a seed less)
     counts = agg[[(m, "count") for m in present]].max(axis=1).astype(int)
     long.attrs["seeds"] = counts.tolist()
@@ -446,6 +496,14 @@ def render(
             "\nCells whose rows were computed under different numerics (not bit-comparable; "
             "`securetl device=... precision=... threads=...` sets them):\n"
             + "".join(f"- {m}\n" for m in mixed)
+        )
+    if len(long) and long.attrs.get("mixed_encoders"):
+        mixed = long.attrs["mixed_encoders"]
+        log.warning("%s: rows of one encoder setting started from %d sets of weights", name, len(mixed) + 1)
+        md += (
+            "\nRows that share an encoder's settings but started from different weights (its cache key: the "
+            "pre-training images or the arithmetic differed, e.g. another CPU; re-run the minority with "
+            "`resume=false` on one machine):\n" + "".join(f"- {m}\n" for m in mixed)
         )
     if missing:
         failed = failed_cells(read_failures(results_dir), report, sweep)
